@@ -1,0 +1,78 @@
+"""Reading official checkpoint files and loading them strictly, with errors that list what does not fit."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+from timm.models import clean_state_dict
+
+# Official files nest the weights under one of these keys (DeiT/ViM: model, mmcv/PlainMamba: state_dict).
+NESTED_KEYS = ("model", "state_dict", "module")
+EMA_KEYS = ("model_ema", "state_dict_ema")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose keys or shapes do not fit the model."""
+
+
+def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Return the flat state dict of a checkpoint file in any of the official layouts.
+
+    Accepts a bare state dict, or a dict with the weights under `model` / `state_dict` (and `model_ema` /
+    `state_dict_ema` when use_ema). Official training scripts pickle an argparse Namespace beside the weights,
+    which `weights_only=True` refuses; we then fall back to a full unpickle of this local file, with a warning.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unpickling refusal
+        warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully (trusted local file)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise CheckpointMismatchError(f"{path}: expected a dict of tensors or a dict holding one, got {type(ckpt)}")
+    keys = (EMA_KEYS if use_ema else ()) + NESTED_KEYS
+    for key in keys:
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    else:
+        if use_ema:
+            raise CheckpointMismatchError(f"{path}: use_ema=True but the file has none of {EMA_KEYS}")
+    tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(f"{path}: no tensors found (top-level keys: {sorted(ckpt)[:20]})")
+    return clean_state_dict(tensors)
+
+
+def load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict(strict=True) with one error that lists every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        def fmt(items):
+            return "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
+        parts = [f"{source} does not fit {type(model).__name__}:"]
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}):\n    {fmt(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}):\n    {fmt(unexpected)}")
+        if shapes:
+            parts.append(f"  shape mismatches ({len(shapes)}):\n    {fmt(shapes)}")
+        raise CheckpointMismatchError("\n".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint_file(model: torch.nn.Module, path: str, filter_fn: Optional[Callable] = None,
+                         use_ema: bool = False) -> torch.nn.Module:
+    """Read an official-layout file, map its keys with the model's filter and load strictly."""
+    state_dict = read_state_dict(path, use_ema=use_ema)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    load_strict(model, state_dict, source=path)
+    return model

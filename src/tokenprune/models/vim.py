@@ -1,0 +1,224 @@
+"""Vision Mamba (hustvl/Vim), checkpoint-compatible: middle CLS, bidirectional "v2" mixer, fp32 residual.
+
+Parameter names and shapes follow the official state dict (DESIGN.md §4), so official files load strictly.
+The mixer also supports the two hidden-state alignments used after pruning (see `align` in TokenState.extras).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from torch import nn
+
+from ..pruning.state import TokenState, initial_state
+from ..ssm import selective_scan
+from .base import TokenBackbone
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm computed in fp32 (mamba-ssm's RMSNorm semantics, eps 1e-5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(x.dtype)
+
+
+def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    length = x.shape[-1]
+    return F.silu(conv(x)[..., :length])
+
+
+def _gap_scaled(delta: torch.Tensor, Bm: torch.Tensor, bias: torch.Tensor, gap: torch.Tensor):
+    """Gap-aware decay with a standard kernel: Δ' = (1+g)·softplus(Δ+b), B' = B/(1+g) keeps Δ'B' = ΔB."""
+    scale = (1.0 + gap.float()).unsqueeze(1)  # (b, 1, L)
+    delta = F.softplus(delta.float() + bias.float()[None, :, None]) * scale
+    return delta, Bm.float() / scale
+
+
+class DirectionScope(nn.Module):
+    """Parameter-free scope around one scan direction, so FLOP counts can be read per direction
+    (the ViM paper counts one direction); it holds no weights and leaves the state dict unchanged."""
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+class BiMambaMixer(nn.Module):
+    """ViM "v2" bidirectional mixer: out_proj((y_fwd + flip(y_bwd)) / 2), both gated by silu(z)."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: Optional[int] = None, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
+        super().__init__()
+        self.dim, self.d_state = dim, d_state
+        self.d_inner = expand * dim
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        E, N, R = self.d_inner, d_state, self.dt_rank
+        self.in_proj = nn.Linear(dim, 2 * E, bias=False)
+        for suffix in ("", "_b"):
+            setattr(self, "conv1d" + suffix, nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
+            setattr(self, "x_proj" + suffix, nn.Linear(E, R + 2 * N, bias=False))
+            dt_proj = nn.Linear(R, E, bias=True)
+            nn.init.uniform_(dt_proj.weight, -R ** -0.5, R ** -0.5)
+            dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+            with torch.no_grad():
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            setattr(self, "dt_proj" + suffix, dt_proj)
+            A_log = torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1)
+            setattr(self, "A_log" if not suffix else "A_b_log", nn.Parameter(A_log))
+            setattr(self, "D" + suffix, nn.Parameter(torch.ones(E)))
+        self.out_proj = nn.Linear(E, dim, bias=False)
+        self.scan_fwd, self.scan_bwd = DirectionScope(), DirectionScope()
+
+    def _direction(self, x, z, suffix: str, gap: Optional[torch.Tensor]):
+        conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
+        A_log, D = (self.A_log, self.D) if not suffix else (self.A_b_log, self.D_b)
+        u = _causal_conv_silu(x, conv)  # (b, E, L)
+        dbl = x_proj(u.transpose(1, 2))  # (b, L, R + 2N)
+        dt, Bm, Cm = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes inside the softplus, in the scan
+        Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
+        A = -torch.exp(A_log.float())
+        if gap is None:
+            return selective_scan(u, delta, A, Bm, Cm, D.float(), z, delta_bias=dt_proj.bias.float(),
+                                  delta_softplus=True)
+        delta, Bm = _gap_scaled(delta, Bm, dt_proj.bias, gap)
+        return selective_scan(u, delta, A, Bm, Cm, D.float(), z, delta_softplus=False)
+
+    def forward(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                want_ssm_out: bool = False):
+        xz = self.in_proj(h).transpose(1, 2)  # (b, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        gap_f, gap_b = gaps if gaps is not None else (None, None)
+        y_f = self.scan_fwd(self._direction, x, z, "", gap_f)
+        y_b = self.scan_bwd(self._direction, x.flip(-1), z.flip(-1), "_b", None if gap_b is None else gap_b.flip(-1))
+        y_b = y_b.flip(-1)
+        out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
+        if not want_ssm_out:
+            return out, None
+        importance = y_f.float().clamp(min=0).sum(1) + y_b.float().clamp(min=0).sum(1)  # (b, L)
+        return out, importance
+
+
+class VimBlock(nn.Module):
+    """Pre-norm block with the official residual convention: returns (mixer output, fp32 residual)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, **mixer_kwargs):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, h, residual, gaps=None, want_ssm_out=False):
+        residual = h if residual is None else residual + self.drop_path(h)
+        h = self.norm(residual.to(self.norm.weight.dtype))
+        residual = residual.float()
+        out, importance = self.mixer(h, gaps=gaps, want_ssm_out=want_ssm_out)
+        return out, residual, importance
+
+
+class VisionMamba(TokenBackbone):
+    signals = {"hidden", "ssm_out"}
+    reduction_point = "post"
+    is_ssm = True
+    has_cls = True
+    num_protected = 1
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **_ignored):
+        super().__init__()
+        self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        self.grid = tuple(self.patch_embed.grid_size)
+        num_patches = self.patch_embed.num_patches
+        self.cls_position = num_patches // 2  # official: token_position = M // 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
+        self.layers = nn.ModuleList(VimBlock(embed_dim, rates[i], d_state=d_state, expand=expand, d_conv=d_conv)
+                                    for i in range(depth))
+        self.norm_f = RMSNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for layer in self.layers:  # mamba's prenorm-residual rescaling of the output projection
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(self.depth)
+
+    @property
+    def num_layers(self) -> int:
+        return self.depth
+
+    def embed(self, images: torch.Tensor) -> TokenState:
+        x = self.patch_embed(images)
+        B, M, _ = x.shape
+        c = self.cls_position
+        x = torch.cat([x[:, :c], self.cls_token.expand(B, -1, -1), x[:, c:]], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        return initial_state(x, self.grid, special=(c,), cls_at=c)
+
+    def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
+        needs = getattr(hook, "needs", set()) if hook is not None else set()
+        align = state.extras.get("align")
+        gaps = state.extras.get("gaps") if align == "gap" else None
+        if align == "mask":
+            return self._run_block_masked(i, state, hook, needs)
+        out, residual, importance = self.layers[i](state.x, state.residual, gaps=gaps,
+                                                   want_ssm_out="ssm_out" in needs)
+        state = state.with_tokens(x=out, residual=residual)
+        if hook is None:
+            return state
+        return hook(state, {"ssm_out": importance, "hidden": out})
+
+    def _run_block_masked(self, i, state, hook, needs):
+        """Masking alignment: pruned positions stay in the scan with zero input (exact decay, no speed-up)."""
+        full_len = state.seq_len
+        idx = state.pos.clamp(min=0)
+
+        def scatter(t):
+            if t is None:
+                return None
+            full = t.new_zeros(t.shape[0], full_len, t.shape[-1])
+            return full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t)
+
+        out, residual, importance = self.layers[i](scatter(state.x), scatter(state.residual),
+                                                   want_ssm_out="ssm_out" in needs)
+        take = idx.unsqueeze(-1)
+        out = out.gather(1, take.expand(-1, -1, out.shape[-1]))
+        residual = residual.gather(1, take.expand(-1, -1, residual.shape[-1]))
+        state = state.with_tokens(x=out, residual=residual)
+        if hook is None:
+            return state
+        signals = {"hidden": out, "ssm_out": None if importance is None else importance.gather(1, idx)}
+        return hook(state, signals)
+
+    def classify(self, state: TokenState) -> torch.Tensor:
+        residual = state.x if state.residual is None else state.residual + self.layers[-1].drop_path(state.x)
+        h = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return self.head(h[:, state.cls_index])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:
+    """Official ViM files already use our key names; drop training-only extras (none known) and keep the rest."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("head_dist")}

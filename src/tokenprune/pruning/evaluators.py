@@ -1,0 +1,125 @@
+"""Importance evaluators: (state, signals) -> one score per current token (higher = keep).
+
+Each evaluator declares the backbone signals it needs, so a backbone computes attention maps or SSM
+outputs only at the blocks where they are used, and an impossible combination fails at construction.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Set
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import TokenState
+
+
+class Evaluator(nn.Module):
+    needs: Set[str] = set()
+    name = "?"
+
+    def forward(self, state: TokenState, signals: Dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomScore(Evaluator):
+    """Uniform random scores; seeded per call when `seed` is given, so runs are reproducible."""
+    name = "random"
+
+    def __init__(self, seed: Optional[int] = 0):
+        super().__init__()
+        self.seed = seed
+
+    def forward(self, state, signals):
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed + state.num_tokens)
+        return torch.rand(state.pos.shape, generator=gen).to(state.x.device)
+
+
+class L2Score(Evaluator):
+    """Naive pruning: the L2 norm of each token's hidden state (the patch embedding before the encoder)."""
+    name = "l2"
+
+    def forward(self, state, signals):
+        return state.x.float().norm(dim=-1)
+
+
+class SignalScore(Evaluator):
+    """A score the backbone computes: cls_attn (EViT), attn_received, ssm_out (ToP)."""
+
+    def __init__(self, signal: str):
+        super().__init__()
+        self.signal, self.name, self.needs = signal, signal, {signal}
+
+    def forward(self, state, signals):
+        return signals[self.signal].float()
+
+
+class ClsSimilarityScore(Evaluator):
+    """EViT-style score for attention-free backbones: softmax over tokens of <x_cls, x_i> / sqrt(D).
+
+    ViM has no attention map; the CLS token's affinity to each token is the closest analogue of the CLS
+    attention row, so EViT / PuMer style methods can run on it through the same reducers.
+    """
+    name = "cls_similarity"
+
+    def forward(self, state, signals):
+        if state.cls_index is None:
+            raise ValueError("cls_similarity needs a CLS token; this backbone has none (use l2 or ssm_out)")
+        x = state.x.float()
+        cls = x[:, state.cls_index:state.cls_index + 1]
+        return ((x @ cls.transpose(1, 2)).squeeze(-1) / x.shape[-1] ** 0.5).softmax(dim=-1)
+
+
+class PaPrScore(Evaluator):
+    """PaPr: a frozen lightweight ConvNet scores the image once; channel mean of its last feature map,
+    resized to the patch grid (bicubic, align_corners=True), read out at each token's grid position."""
+    name = "papr"
+    needs = {"images"}
+
+    def __init__(self, proposal: nn.Module):
+        super().__init__()
+        self.proposal = proposal.eval()
+        for p in self.proposal.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the proposal network stays frozen (BN statistics included)
+        super().train(mode)
+        self.proposal.eval()
+        return self
+
+    def score_map(self, images: torch.Tensor, grid) -> torch.Tensor:
+        feats = self.proposal.forward_features(images) if hasattr(self.proposal, "forward_features") \
+            else self.proposal(images)
+        if feats.dim() != 4:
+            raise ValueError(f"PaPr proposal network must give a (B, C, h, w) feature map, got {tuple(feats.shape)}")
+        saliency = feats.float().mean(dim=1, keepdim=True)
+        return F.interpolate(saliency, size=tuple(grid), mode="bicubic", align_corners=True)[:, 0]
+
+    def forward(self, state, signals):
+        grid_scores = self.score_map(signals["images"], state.grid)  # (B, H, W)
+        flat = grid_scores.flatten(1)
+        idx = state.patch_index()
+        scores = flat.gather(1, idx.clamp(min=0))
+        return torch.where(idx >= 0, scores, torch.full_like(scores, float("inf")))
+
+
+def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optional[int] = 0) -> Evaluator:
+    if name == "random":
+        return RandomScore(seed)
+    if name == "l2":
+        return L2Score()
+    if name in ("cls_attn", "attn_received", "ssm_out"):
+        return SignalScore(name)
+    if name == "cls_similarity":
+        return ClsSimilarityScore()
+    if name == "papr":
+        if proposal is None:
+            raise ValueError("evaluator 'papr' needs a proposal ConvNet: pass proposal=<timm name or module> "
+                             "and proposal_checkpoint=<local file>")
+        return PaPrScore(proposal)
+    raise ValueError(f"unknown evaluator {name!r}; expected one of {sorted(EVALUATORS)}")
+
+
+EVALUATORS = ("random", "l2", "cls_attn", "attn_received", "ssm_out", "cls_similarity", "papr")

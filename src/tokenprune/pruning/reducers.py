@@ -1,0 +1,166 @@
+"""Reducers: apply a token budget to a TokenState given importance scores and backbone signals.
+
+Every reducer keeps protected tokens. On SSM backbones the residual stream is reduced with the hidden
+states (merges act on [x, residual] concatenated, which is exact because every merge is linear per channel)
+and the result is put back into scan order with the CLS in the middle.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .state import TokenState
+
+# The VisionZip paper's LLaVA budget 54 dominant + 10 contextual = 64 tokens: contextual share 10/64.
+VISIONZIP_CONTEXTUAL_SHARE = 10 / 64
+
+
+def _joint(state: TokenState) -> torch.Tensor:
+    return state.x if state.residual is None else torch.cat([state.x, state.residual.to(state.x.dtype)], -1)
+
+
+def _split(state: TokenState, joint: torch.Tensor, src_index: torch.Tensor, size: torch.Tensor,
+           extra_pos: int = 0) -> TokenState:
+    """New state from merged [x, residual] rows; pos/protected follow src_index, `extra_pos` rows are new."""
+    base = state.gather(src_index, cls_index=state.cls_index)
+    if extra_pos:
+        B = src_index.shape[0]
+        pos = torch.cat([base.pos, base.pos.new_full((B, extra_pos), -1)], 1)
+        protected = torch.cat([base.protected, base.protected.new_zeros(B, extra_pos)], 1)
+        base = base.with_tokens(pos=pos, protected=protected)
+    D = state.x.shape[-1]
+    residual = None if state.residual is None else joint[..., D:].to(state.residual.dtype)
+    return base.with_tokens(x=joint[..., :D].contiguous(), residual=residual, size=size.to(state.size.dtype))
+
+
+def n_free(state: TokenState) -> int:
+    return state.num_tokens - int(state.protected[0].sum())
+
+
+def prune(state, scores, signals, keep: int, **_):
+    idx = ops.topk_indices(scores, keep, protected=state.protected, keep_order=True)
+    return state.gather(idx, cls_index=state.cls_index)
+
+
+def evit(state, scores, signals, keep: int, keep_order: bool = False, **_):
+    """Keep `keep` tokens by CLS attention, fuse the rest into one token (raw weights), appended last."""
+    if state.cls_index is None:
+        raise ValueError("EViT fusion needs a CLS token")
+    kept, dropped, weight = ops.evit_select(scores, keep, cls_index=state.cls_index)
+    if keep_order:
+        kept = kept.sort(dim=1).values
+    joint = _joint(state)
+    fused, fused_size = ops.evit_fuse(joint, dropped, weight, size=state.size)
+    cls = torch.full_like(kept[:, :1], state.cls_index)
+    src = torch.cat([cls, kept], 1)
+    rows = joint.gather(1, src.unsqueeze(-1).expand(-1, -1, joint.shape[-1]))
+    size = torch.cat([state.size.gather(1, src), fused_size], 1)
+    out = _split(state, torch.cat([rows, fused], 1), src, size, extra_pos=1)
+    return out.with_tokens(cls_index=0)
+
+
+def tome(state, scores, signals, keep: int, metric: str = "keys", **_):
+    r = n_free(state) - keep
+    merge, _, src = ops.bipartite_soft_matching(signals[metric], r, protected=state.protected)
+    joint, size = ops.merge_wavg(merge, _joint(state), state.size)
+    out = _split(state, joint, src, size)
+    out.extras["prop_attn"] = True  # ToMe's proportional attention from here on
+    return out
+
+
+def visionzip(state, scores, signals, keep: int, mode: str = "add", contextual: Optional[int] = None, **_):
+    n_prot = state.num_tokens - n_free(state)
+    ctx = contextual if contextual is not None else max(1, round(keep * VISIONZIP_CONTEXTUAL_SHARE))
+    ctx = min(ctx, keep)
+    dominant = n_prot + keep - ctx if state.cls_index is not None else keep - ctx
+    x, size, src = ops.visionzip_reduce(_joint(state), scores, signals["keys"], dominant, ctx, size=state.size,
+                                        cls_index=state.cls_index, mode=mode)
+    return _split(state, x, src, size)
+
+
+def pumer(state, scores, signals, keep: int, metric: str = "hidden", **_):
+    removal = n_free(state) - keep
+    prune_keep = n_free(state) - (removal + 1) // 2
+    x, size, src = ops.pumer_reduce(_joint(state), state.size, scores, signals[metric], prune_keep,
+                                    prune_keep - keep, protected=state.protected)
+    return _split(state, x, src, size)
+
+
+def utr(state, scores, signals, keep: int, metric: str = "hidden", prune_fraction: float = 0.5, **_):
+    x, size, src = ops.utr_reduce(_joint(state), state.size, scores, signals[metric], keep,
+                                  prune_fraction=prune_fraction, protected=state.protected)
+    return _split(state, x, src, size)
+
+
+REDUCERS = {"prune": prune, "evit": evit, "tome": tome, "visionzip": visionzip, "pumer": pumer, "utr": utr}
+# Signals each reducer needs beyond the scores (the metric is chosen per backbone by the method).
+REDUCER_SIGNALS = {"tome": {"keys"}, "visionzip": {"keys"}}
+
+
+def restore_scan_order(state: TokenState) -> TokenState:
+    """SSMs: sort tokens by original position (fused extras last), then the CLS back to the middle."""
+    key = torch.where(state.pos >= 0, state.pos, torch.full_like(state.pos, state.seq_len))
+    if state.cls_index is not None:
+        key = torch.where(state.protected, torch.full_like(key, -1), key)  # CLS first, moved below
+    order = key.argsort(dim=1, stable=True)
+    state = state.gather(order, cls_index=0 if state.cls_index is not None else None)
+    if state.cls_index is not None:
+        state, _ = state.insert_middle_cls()
+    return state
+
+
+def scan_gaps_monotone(pos: torch.Tensor, seq_len: int):
+    """Pruned positions before each token in forward and backward scan order.
+
+    Tokens out of monotone order (the re-placed CLS, fused extras with pos -1) get gap 0 and do not reset
+    the count, so neighbours see the gap to the last *ordered* token: cummax / cummin do that in one pass.
+    """
+    p = pos.float()
+    prev = torch.cat([p.new_full((p.shape[0], 1), -1.0), p[:, :-1]], 1).cummax(dim=1).values
+    nxt = torch.cat([p[:, 1:], p.new_full((p.shape[0], 1), float(seq_len))], 1)
+    nxt = torch.where(nxt < 0, torch.full_like(nxt, float(seq_len)), nxt).flip(1).cummin(dim=1).values.flip(1)
+    gap_f = (p - prev - 1).clamp(min=0)
+    gap_b = (nxt - p - 1).clamp(min=0)
+    invalid = pos < 0
+    return gap_f.masked_fill(invalid, 0), gap_b.masked_fill(invalid, 0)
+
+
+def set_alignment(state: TokenState, mode: Optional[str]) -> TokenState:
+    """Record the hidden-state alignment the following SSM blocks apply (None, 'mask' or 'gap')."""
+    extras = dict(state.extras)
+    extras["align"] = mode
+    if mode == "gap":
+        extras["gaps"] = scan_gaps_monotone(state.pos, state.seq_len)
+    return state.with_tokens(extras=extras)
+
+
+def smooth(state: TokenState, scores: torch.Tensor, kernel_size: int, border: str = "zero",
+           kind: str = "mean") -> torch.Tensor:
+    """Score smoothing on the 2-D grid of original positions (masked mean where tokens are gone)."""
+    if kernel_size == 1:
+        return scores
+    patch_index = state.patch_index()
+    grid_vals, present = ops.scatter_to_grid(scores.masked_fill(patch_index < 0, 0.0), patch_index, state.grid)
+    smoothed = ops.smooth_scores(grid_vals, kernel_size, border=border, mask=present, kind=kind)
+    out = ops.gather_from_grid(smoothed, patch_index)
+    return torch.where(patch_index >= 0, out, scores)
+
+
+def unknown(kind: str, value, valid) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; expected one of {sorted(valid)}")
+
+
+def get_reducer(name: str):
+    if name not in REDUCERS:
+        raise unknown("reducer", name, REDUCERS)
+    return REDUCERS[name]
+
+
+def signals_for(reducer: str, metric: Optional[str]) -> set:
+    needs = set(REDUCER_SIGNALS.get(reducer, set()))
+    if metric and reducer in ("tome", "pumer", "utr"):
+        needs = (needs - {"keys"}) | {metric}
+    return needs
+

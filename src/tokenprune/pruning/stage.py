@@ -1,0 +1,144 @@
+"""A reduction stage (evaluator -> smoothing -> reducer -> alignment) and the model that runs a schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import reducers
+from .evaluators import Evaluator
+from .state import TokenState
+
+BEFORE_ENCODER = -1
+
+
+@dataclass
+class StageTrace:
+    """What one stage did in the last forward: token counts and the resulting per-token metadata."""
+    layer: int
+    tokens_in: int
+    tokens_out: int
+    pos: torch.Tensor
+    size: torch.Tensor
+    protected: torch.Tensor
+    cls_index: Optional[int]  # layer index of the one-step stage that runs between embedding and the first block
+
+
+def count_tokens(n_free: int, keep: float, rule: str = "round") -> int:
+    """Non-protected tokens kept from n_free at a keep ratio (round, or ceil as EViT)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep!r}")
+    raw = keep * n_free
+    kept = math.ceil(raw - 1e-9) if rule == "ceil" else int(math.floor(raw + 0.5))
+    return max(1, min(n_free, kept))
+
+
+class ReductionStage(nn.Module):
+    def __init__(self, layer: int, keep: float, evaluator: Optional[Evaluator], reducer: str,
+                 smoothing: int = 1, border: str = "zero", smoothing_kind: str = "mean",
+                 alignment: Optional[str] = None, is_ssm: bool = False, count_rule: str = "round",
+                 reducer_options: Optional[dict] = None):
+        super().__init__()
+        if smoothing < 1 or smoothing % 2 == 0:
+            raise ValueError(f"smoothing kernel size must be an odd integer >= 1, got {smoothing!r}")
+        count_tokens(1, keep)  # validates the ratio
+        self.layer, self.keep, self.evaluator = layer, keep, evaluator
+        self.reducer_name, self.reduce = reducer, reducers.get_reducer(reducer)
+        self.smoothing, self.border, self.smoothing_kind = smoothing, border, smoothing_kind
+        self.alignment, self.is_ssm, self.count_rule = alignment, is_ssm, count_rule
+        self.reducer_options = dict(reducer_options or {})
+        self.needs = set(evaluator.needs if evaluator is not None else set()) | reducers.signals_for(
+            reducer, self.reducer_options.get("metric"))
+        self.trace: Optional[List] = None  # set by PrunedModel: one StageTrace per run of this stage
+        self.record: Optional[List] = None  # set by PrunedModel when kept patches are recorded
+
+    def target(self, n_free: int) -> int:
+        return count_tokens(n_free, self.keep, self.count_rule)
+
+    def out_tokens(self, n_tokens: int, n_protected: int) -> int:
+        """Token count after this stage, without running it (for budget solving and tests)."""
+        n_free = n_tokens - n_protected
+        kept = self.target(n_free)
+        if self.reducer_name == "tome":  # ToMe merges at most the set A (even tokens) minus protected ones
+            kept = max(kept, n_free - ((n_tokens + 1) // 2 - n_protected))
+        return n_protected + kept + (1 if self.reducer_name == "evit" else 0)
+
+    def forward(self, state: TokenState, signals: Dict[str, torch.Tensor]) -> TokenState:
+        n_in = state.num_tokens
+        scores = self.evaluator(state, signals) if self.evaluator is not None else None
+        if scores is not None and self.smoothing > 1:
+            scores = reducers.smooth(state, scores, self.smoothing, self.border, self.smoothing_kind)
+        state = self.reduce(state, scores, signals, keep=self.target(reducers.n_free(state)),
+                            **self.reducer_options)
+        if self.is_ssm:
+            state = reducers.set_alignment(reducers.restore_scan_order(state), self.alignment)
+        state.extras["reduced"] = True
+        if self.trace is not None:
+            self.trace.append(StageTrace(self.layer, n_in, state.num_tokens, state.pos.detach(),
+                                         state.size.detach(), state.protected.detach(), state.cls_index))
+        if self.record is not None:
+            self.record.append((self.layer, state.patch_index().detach().cpu()))
+        return state
+
+
+class PrunedModel(nn.Module):
+    """A backbone run with reduction stages at the points of a schedule; forward(images) -> logits."""
+
+    def __init__(self, backbone: nn.Module, stages: List[ReductionStage], method: Optional[str] = None,
+                 proposal: Optional[nn.Module] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.stages = nn.ModuleList(sorted(stages, key=lambda s: s.layer))
+        self.method = method
+        layers = [s.layer for s in self.stages]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"two reduction stages at the same layer: {layers}")
+        for s in self.stages:
+            if not BEFORE_ENCODER <= s.layer < backbone.num_layers:
+                raise ValueError(f"reduction layer {s.layer} out of range for a {backbone.num_layers}-block "
+                                 f"backbone (use -1 for before the encoder)")
+        self.token_trace: List = []
+        self.kept_patches: Optional[List] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    def record_kept_patches(self, on: bool = True) -> None:
+        self.kept_patches = [] if on else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.token_trace = []
+        if self.kept_patches is not None:
+            self.kept_patches = []
+        for s in self.stages:
+            s.trace, s.record = self.token_trace, self.kept_patches
+        hooks = {s.layer: s for s in self.stages if s.layer != BEFORE_ENCODER}
+        first = next((s for s in self.stages if s.layer == BEFORE_ENCODER), None)
+        before = None if first is None else (lambda state, imgs: first(state, {"images": imgs}))
+        return self.backbone.forward_tokens(images, hooks=hooks, before=before)
+
+    def tokens_per_block(self) -> List[int]:
+        """Tokens entering each block (after a mid-block reduction, the tokens its MLP sees), simulated."""
+        bb = self.backbone
+        n_tokens = bb.seq_len
+        n_prot = bb.num_protected
+        by_layer = {s.layer: s for s in self.stages}
+        if BEFORE_ENCODER in by_layer:
+            n_tokens = by_layer[BEFORE_ENCODER].out_tokens(n_tokens, n_prot)
+        counts = []
+        for i in range(bb.num_layers):
+            if i in by_layer and bb.reduction_point == "mid":
+                n_tokens = by_layer[i].out_tokens(n_tokens, n_prot)
+            counts.append(n_tokens)
+            if i in by_layer and bb.reduction_point == "post":
+                n_tokens = by_layer[i].out_tokens(n_tokens, n_prot)
+        return counts
+
+    def token_reduction(self) -> float:
+        """1 - (tokens summed over blocks) / (unpruned tokens summed over blocks)."""
+        counts = self.tokens_per_block()
+        return 1.0 - sum(counts) / (self.backbone.seq_len * len(counts))

@@ -1,0 +1,95 @@
+"""The token state carried through a backbone's blocks.
+
+Every per-token tensor shares the leading (batch, tokens) dims, and the token count is the same for every
+image of the batch (budgets are fixed counts), so reductions stay rectangular gathers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+PER_TOKEN_FIELDS = ("x", "residual", "pos", "size", "protected")
+
+
+@dataclass
+class TokenState:
+    x: torch.Tensor  # (B, T, D) hidden states
+    pos: torch.Tensor  # (B, T) long: original sequence index, -1 for tokens that are no original token
+    size: torch.Tensor  # (B, T) float: original patches each token stands for
+    protected: torch.Tensor  # (B, T) bool: never dropped or merged (CLS, registers)
+    grid: Tuple[int, int]  # (H, W) patch grid
+    patch_offset: torch.Tensor = None  # (seq_len,) long: sequence index -> grid index (-1 for non-patch)
+    residual: Optional[torch.Tensor] = None  # (B, T, D) fp32 residual stream (ViM)
+    cls_index: Optional[int] = None  # where the CLS sits in the current sequence
+    seq_len: int = 0  # length of the original sequence (for gap counts)
+    extras: dict = field(default_factory=dict)  # backbone-specific per-call data (e.g. PlainMamba orders)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    def patch_index(self) -> torch.Tensor:
+        """Grid index (0..H*W-1) of each token; -1 for CLS, registers and fused extra tokens."""
+        safe = self.pos.clamp(min=0)
+        idx = self.patch_offset.to(self.pos.device)[safe]
+        return torch.where(self.pos >= 0, idx, torch.full_like(idx, -1))
+
+    def gather(self, idx: torch.Tensor, cls_index: Optional[int] = None) -> "TokenState":
+        """Keep the tokens at `idx` (B, T') in that order; every per-token field follows."""
+        out = {}
+        for name in PER_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                out[name] = None
+            elif value.dim() == 3:
+                out[name] = value.gather(1, idx.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
+            else:
+                out[name] = value.gather(1, idx)
+        return replace(self, cls_index=cls_index, **out)
+
+    def with_tokens(self, **fields) -> "TokenState":
+        return replace(self, **fields)
+
+    def insert_middle_cls(self) -> Tuple["TokenState", int]:
+        """Re-place the protected CLS in the middle of the sequence (ViM): K patches -> CLS at K // 2.
+
+        Assumes the CLS is currently anywhere and the other tokens are in scan order.
+        """
+        if self.cls_index is None:
+            return self, None
+        B, T = self.pos.shape
+        others = [i for i in range(T) if i != self.cls_index]
+        middle = (T - 1) // 2
+        order = others[:middle] + [self.cls_index] + others[middle:]
+        idx = torch.tensor(order, device=self.x.device).unsqueeze(0).expand(B, -1)
+        return self.gather(idx, cls_index=middle), middle
+
+
+def grid_offsets(seq_len: int, special: Sequence[int]) -> torch.Tensor:
+    """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`."""
+    is_patch = torch.ones(seq_len, dtype=torch.bool)
+    is_patch[list(special)] = False
+    offsets = torch.full((seq_len,), -1, dtype=torch.long)
+    offsets[is_patch] = torch.arange(int(is_patch.sum()))
+    return offsets
+
+
+def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int] = (),
+                  cls_at: Optional[int] = None, residual: Optional[torch.Tensor] = None) -> TokenState:
+    """State for an unpruned sequence; `special` are the protected non-patch positions (CLS, registers)."""
+    B, T, _ = x.shape
+    if T - len(special) != grid[0] * grid[1]:
+        raise ValueError(f"sequence of {T} tokens with {len(special)} special ones does not fit grid {grid}")
+    pos = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
+    protected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    protected[:, list(special)] = True
+    size = torch.ones(B, T, device=x.device, dtype=torch.float32)
+    return TokenState(x=x, pos=pos, size=size, protected=protected, grid=grid,
+                      patch_offset=grid_offsets(T, special).to(x.device), residual=residual,
+                      cls_index=cls_at, seq_len=T)
