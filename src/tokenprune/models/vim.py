@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
 
 
 def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    length = x.shape[-1]
-    return F.silu(conv(x)[..., :length])
+    """Causal depthwise conv: pad on the left only, so no output beyond L is computed and thrown away."""
+    x = F.pad(x, (conv.kernel_size[0] - 1, 0))
+    return F.silu(F.conv1d(x, conv.weight, conv.bias, groups=conv.groups))
 
 
 def _gap_scaled(delta: torch.Tensor, Bm: torch.Tensor, bias: torch.Tensor, gap: torch.Tensor):
@@ -82,7 +83,8 @@ class BiMambaMixer(nn.Module):
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if not suffix else (self.A_b_log, self.D_b)
         u = _causal_conv_silu(x, conv)  # (b, E, L)
-        dbl = x_proj(u.transpose(1, 2))  # (b, L, R + 2N)
+        # functional calls keep every op of this direction inside its DirectionScope for FLOP attribution
+        dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (b, L, R + 2N)
         dt, Bm, Cm = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes inside the softplus, in the scan
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()

@@ -28,11 +28,11 @@ class TokenState:
 
     @property
     def num_tokens(self) -> int:
-        return self.x.shape[1]
+        return int(self.x.shape[1])  # a python int also under jit tracing (FLOP counting)
 
     @property
     def batch_size(self) -> int:
-        return self.x.shape[0]
+        return int(self.x.shape[0])
 
     def patch_index(self) -> torch.Tensor:
         """Grid index (0..H*W-1) of each token; -1 for CLS, registers and fused extra tokens."""

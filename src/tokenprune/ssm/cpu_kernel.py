@@ -21,6 +21,7 @@ from numba.extending import intrinsic, overload
 # Typed constants: float32 op float32 stays float32, float32 op float64 -> float64,
 # so these work for both kernels' dtypes without upcasting the fp32 path.
 _ZERO = np.float32(0.0)
+_ZERO64 = np.float64(0.0)
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 # exp(x) = 2^k * exp(r), |r| <= ln2/2; ln2 split hi/lo for an exact k*ln2.
@@ -82,12 +83,17 @@ def _exp_overload(x):
     return lambda x: np.exp(x)
 
 
-@_jit(parallel=True, fastmath={"reassoc", "contract"})
-def scan_fwd_kernel(u, dt, A, Bt, Ct, D, gate, nchunks, out):
-    """out = (C.h + D u) * gate with dt already biased/softplus'd, gate = silu(z)."""
+# reassoc lets LLVM vectorise the sums over N; contract allows FMAs. Neither
+# assumes finite values, and the result stays within ~1e-6 of the reference.
+_FASTMATH = {"reassoc", "contract"}
+
+
+@_jit(parallel=True, fastmath=_FASTMATH)
+def scan_fwd_kernel(u, dt, A, Bt, Ct, D, z, zsig, nchunks, out):
+    """out = (C.h + D u) * z * sigmoid(z); dt is already biased/softplus'd."""
     nb, ne, L = u.shape
     nn = A.shape[1]
-    has_D, has_gate = D.shape[0] > 0, gate.shape[0] > 0
+    has_D, has_z = D.shape[0] > 0, z.shape[0] > 0
     nitems = nb * ne
     for c in prange(nchunks):
         h = np.empty(nn, u.dtype)
@@ -99,147 +105,171 @@ def scan_fwd_kernel(u, dt, A, Bt, Ct, D, gate, nchunks, out):
                 d = dt[b, e, t]
                 for n in range(nn):  # vectorised exp
                     a[n] = _exp(d * A[e, n])
-                du = d * u[b, e, t]
-                y = _ZERO
-                for n in range(nn):
-                    h[n] = a[n] * h[n] + du * Bt[b, t, n]
-                    y += Ct[b, t, n] * h[n]
-                if has_D:
-                    y += D[e] * u[b, e, t]
-                out[b, e, t] = y * gate[b, e, t] if has_gate else y
-
-
-@_jit(parallel=True, fastmath={"reassoc", "contract"})
-def scan_bwd_kernel(u, dt, A, Bt, Ct, D, gate, gout, nchunks,
-                    du, ddt, y_pre, dA_p, dBt_p, dCt_p, dD_p):
-    """Gradients w.r.t. u, dt (post-softplus), A, B, C, D; also y before the gate
-    (for dz). *_p outputs have a leading chunk axis and must be zeroed."""
-    nb, ne, L = u.shape
-    nn = A.shape[1]
-    has_D, has_gate = D.shape[0] > 0, gate.shape[0] > 0
-    nitems = nb * ne
-    for c in prange(nchunks):
-        hs = np.zeros((L + 1, nn), u.dtype)  # hs[t + 1] = h_t, hs[0] = h_{-1} = 0
-        as_ = np.empty((L, nn), u.dtype)     # exp(dt_t * A)
-        g = np.empty(nn, u.dtype)            # a_{t+1} * dL/dh_{t+1}, carried backwards
-        dA_loc = np.empty(nn, u.dtype)
-        for i in range(c * nitems // nchunks, (c + 1) * nitems // nchunks):
-            b, e = i // ne, i % ne
-            for t in range(L):  # recompute the forward states
-                d = dt[b, e, t]
-                for n in range(nn):
-                    as_[t, n] = _exp(d * A[e, n])
                 dtu = d * u[b, e, t]
                 y = _ZERO
                 for n in range(nn):
-                    hn = as_[t, n] * hs[t, n] + dtu * Bt[b, t, n]
-                    hs[t + 1, n] = hn
-                    y += Ct[b, t, n] * hn
-                if has_gate:
-                    y_pre[b, e, t] = y + D[e] * u[b, e, t] if has_D else y
-            g[:] = 0
-            dA_loc[:] = 0
-            dD_acc = _ZERO
-            for t in range(L - 1, -1, -1):
-                dy = gout[b, e, t] * gate[b, e, t] if has_gate else gout[b, e, t]
-                ut = u[b, e, t]
+                    h[n] = a[n] * h[n] + dtu * Bt[b, t, n]
+                    y += Ct[b, t, n] * h[n]
+                if has_D:
+                    y += D[e] * u[b, e, t]
+                if has_z:
+                    y *= z[b, e, t] * zsig[b, e, t]
+                out[b, e, t] = y
+
+
+@_jit(parallel=True, fastmath=_FASTMATH)
+def scan_bwd_kernel(u, dt, dsp, A, Bt, Ct, D, z, zsig, gout, nchunks,
+                    du, ddelta, dz, dA_p, dBt_p, dCt_p, dD_p, dbias_p):
+    """Gradients. dsp = d softplus / d pre (empty: no softplus). Outputs named
+    *_p have a leading chunk axis, must be zeroed, and are summed by the caller.
+
+    LLVM cannot prove that numba arrays do not alias, and gives up vectorising
+    loops that write several arrays; so every hot loop writes one array, and
+    the recurrence runs on small local vectors copied into the row buffers.
+    """
+    nb, ne, L = u.shape
+    nn = A.shape[1]
+    has_D, has_z, has_sp = D.shape[0] > 0, z.shape[0] > 0, dsp.shape[0] > 0
+    nitems = nb * ne
+    for c in prange(nchunks):
+        hs = np.zeros((L + 1, nn), u.dtype)  # hs[t + 1] = h_t; hs[0] = h_{-1} = 0
+        ga = np.zeros((L + 1, nn), u.dtype)  # a_t = exp(dt_t A), then a_t * dL/dh_t; row L = 0
+        dys = np.empty(L, u.dtype)           # dL/dy_t (y before the gate)
+        a = np.empty(nn, u.dtype)
+        h = np.empty(nn, u.dtype)
+        dA_loc = np.empty(nn, u.dtype)
+        for i in range(c * nitems // nchunks, (c + 1) * nitems // nchunks):
+            b, e = i // ne, i % ne
+            h[:] = 0
+            for t in range(L):  # recompute the forward states
                 d = dt[b, e, t]
-                s_ha = _ZERO  # sum_n gh * h_{t-1} * a * A  (d/d dt through exp(dt A))
-                s_gb = _ZERO  # sum_n gh * B                (d/d (dt u))
                 for n in range(nn):
-                    gh = dy * Ct[b, t, n] + g[n]
-                    dCt_p[c, b, t, n] += dy * hs[t + 1, n]
-                    x = gh * hs[t, n] * as_[t, n]
-                    s_ha += x * A[e, n]
-                    dA_loc[n] += x * d
-                    dBt_p[c, b, t, n] += gh * (d * ut)
+                    a[n] = _exp(d * A[e, n])
+                dtu = d * u[b, e, t]
+                y = _ZERO
+                for n in range(nn):
+                    h[n] = a[n] * h[n] + dtu * Bt[b, t, n]
+                    y += Ct[b, t, n] * h[n]
+                for n in range(nn):
+                    ga[t, n] = a[n]
+                    hs[t + 1, n] = h[n]
+                dy = gout[b, e, t]
+                if has_z:  # d(y z sig(z))/dz = y sig (1 + z (1 - sig))
+                    if has_D:
+                        y += D[e] * u[b, e, t]
+                    zt, sg = z[b, e, t], zsig[b, e, t]
+                    dz[b, e, t] = dy * y * sg * (_ONE + zt * (_ONE - sg))
+                    dy = dy * zt * sg
+                dys[t] = dy
+            dD_acc = _ZERO64  # long scalar sums over L: accumulate in float64
+            dbias_acc = _ZERO64
+            for t in range(L - 1, -1, -1):  # reverse recurrence
+                dy = dys[t]
+                ut = u[b, e, t]
+                s_ha = _ZERO  # d/d(dt) through exp(dt A)
+                s_gb = _ZERO  # d/d(dt u) through dt B u
+                for n in range(nn):
+                    gh = dy * Ct[b, t, n] + ga[t + 1, n]  # dL/dh_t
+                    g = gh * ga[t, n]
+                    ga[t, n] = g
+                    s_ha += g * hs[t, n] * A[e, n]
                     s_gb += gh * Bt[b, t, n]
-                    g[n] = gh * as_[t, n]
+                d = dt[b, e, t]
                 if has_D:
                     dD_acc += dy * ut
                     du[b, e, t] = s_gb * d + dy * D[e]
                 else:
                     du[b, e, t] = s_gb * d
-                ddt[b, e, t] = s_ha + s_gb * ut
+                ddt = s_ha + s_gb * ut
+                if has_sp:
+                    ddt *= dsp[b, e, t]
+                ddelta[b, e, t] = ddt
+                dbias_acc += ddt
+            # grads of shared A, B, C from the saved rows
+            dA_loc[:] = 0
+            for t in range(L):
+                d = dt[b, e, t]
+                dtu = d * u[b, e, t]
+                dy = dys[t]
+                for n in range(nn):
+                    dA_loc[n] += d * ga[t, n] * hs[t, n]
+                for n in range(nn):
+                    dCt_p[c, b, t, n] += dy * hs[t + 1, n]
+                for n in range(nn):
+                    dBt_p[c, b, t, n] += (dy * Ct[b, t, n] + ga[t + 1, n]) * dtu
             for n in range(nn):
                 dA_p[c, e, n] += dA_loc[n]
-            if has_D:
-                dD_p[c, e] += dD_acc
+            dD_p[c, e] += dD_acc
+            dbias_p[c, e] += dbias_acc
 
 
 # ---- torch <-> numpy wrappers -------------------------------------------
 
-def _compute_dtype(u):
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _np(x, cdt):
-    return x.detach().to(cdt).contiguous().numpy()
+def _np(x, cdt, empty_shape=None):
+    """Contiguous numpy view in the compute dtype; None -> an empty array."""
+    if x is None:
+        return np.empty(empty_shape, dtype=np.float64 if cdt == torch.float64 else np.float32)
+    return x.detach().to(device="cpu", dtype=cdt).contiguous().numpy()
 
 
-def _empty(shape, cdt):
-    return np.empty(shape, dtype=np.float64 if cdt == torch.float64 else np.float32)
+def _nchunks(nitems):
+    """Threads for this call: no more than torch uses (so a process that limits
+    torch, e.g. one DDP rank per core, is not oversubscribed by numba); one
+    chunk per thread keeps the chunk-private gradient slices few."""
+    nthreads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(nthreads)
+    return max(1, min(nthreads, nitems))
 
 
-def _pointwise(u, delta, delta_bias, delta_softplus, z):
-    """Δ (biased, softplus'd) and the gate silu(z) in torch: vectorised, cheap."""
-    cdt = _compute_dtype(u)
+def _common(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cdt):
+    """Kernel inputs; the elementwise softplus/sigmoid run in torch (vectorised)."""
     pre = delta.detach().to(cdt)
     if delta_bias is not None:
         pre = pre + delta_bias.detach().to(cdt)[:, None]
     dt = F.softplus(pre) if delta_softplus else pre
-    gate = F.silu(z.detach().to(cdt)) if z is not None else None
-    return pre, dt, gate
-
-
-def _nchunks(nitems):
-    # one chunk per numba thread: chunk-private gradient slices stay few
-    return max(1, min(numba.get_num_threads(), nitems))
+    zsig = torch.sigmoid(z.detach().to(cdt)) if z is not None else None
+    arrs = (_np(u, cdt), _np(dt, cdt), _np(A, cdt), _np(B.transpose(1, 2), cdt),
+            _np(C.transpose(1, 2), cdt), _np(D, cdt, (0,)), _np(z, cdt, (0, 0, 0)),
+            _np(zsig, cdt, (0, 0, 0)))
+    return pre, arrs
 
 
 def cpu_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Output in the compute dtype (float32, or float64 for float64 u)."""
+    """Output in the compute dtype (float32, or float64 when u is float64)."""
     cdt = _compute_dtype(u)
-    _, dt, gate = _pointwise(u, delta, delta_bias, delta_softplus, z)
-    nb, ne, L = u.shape
-    out = _empty((nb, ne, L), cdt)
-    scan_fwd_kernel(_np(u, cdt), _np(dt, cdt), _np(A, cdt), _np(B.transpose(1, 2), cdt),
-                    _np(C.transpose(1, 2), cdt),
-                    _np(D, cdt) if D is not None else _empty((0,), cdt),
-                    _np(gate, cdt) if gate is not None else _empty((0, 0, 0), cdt),
-                    _nchunks(nb * ne), out)
+    _, arrs = _common(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cdt)
+    out = np.empty(arrs[0].shape, dtype=arrs[0].dtype)
+    scan_fwd_kernel(*arrs, _nchunks(u.shape[0] * u.shape[1]), out)
     return torch.from_numpy(out)
 
 
 def cpu_scan_backward(gout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                       delta_softplus=False):
-    """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent optionals."""
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the compute dtype; None for
+    absent optionals."""
     cdt = _compute_dtype(u)
-    pre, dt, gate = _pointwise(u, delta, delta_bias, delta_softplus, z)
-    nb, ne, L = u.shape
-    nn = A.shape[1]
+    pre, (uu, dt, AA, Bt, Ct, DD, zz, zsig) = _common(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, cdt)
+    dsp = _np(torch.sigmoid(pre) if delta_softplus else None, cdt, (0, 0, 0))
+    nb, ne, L = uu.shape
+    nn = AA.shape[1]
     nc = _nchunks(nb * ne)
-    du, ddt = _empty((nb, ne, L), cdt), _empty((nb, ne, L), cdt)
-    y_pre = _empty((nb, ne, L) if z is not None else (0, 0, 0), cdt)
-    f = du.dtype
-    dA_p = np.zeros((nc, ne, nn), f)
+    f = uu.dtype
+    du, ddelta = np.empty_like(uu), np.empty_like(uu)
+    dz = np.empty_like(uu) if z is not None else np.empty((0, 0, 0), f)
+    dA_p, dD_p, dbias_p = np.zeros((nc, ne, nn), f), np.zeros((nc, ne), f), np.zeros((nc, ne), f)
     dBt_p, dCt_p = np.zeros((nc, nb, L, nn), f), np.zeros((nc, nb, L, nn), f)
-    dD_p = np.zeros((nc, ne), f)
-    scan_bwd_kernel(_np(u, cdt), _np(dt, cdt), _np(A, cdt), _np(B.transpose(1, 2), cdt),
-                    _np(C.transpose(1, 2), cdt),
-                    _np(D, cdt) if D is not None else _empty((0,), cdt),
-                    _np(gate, cdt) if gate is not None else _empty((0, 0, 0), cdt),
-                    _np(gout, cdt), nc, du, ddt, y_pre, dA_p, dBt_p, dCt_p, dD_p)
+    scan_bwd_kernel(uu, dt, dsp, AA, Bt, Ct, DD, zz, zsig, _np(gout, cdt), nc,
+                    du, ddelta, dz, dA_p, dBt_p, dCt_p, dD_p, dbias_p)
     t = torch.from_numpy
-    ddelta = t(ddt)
-    if delta_softplus:  # softplus' = sigmoid; torch's softplus is linear above 20
-        ddelta = ddelta * torch.where(pre > 20, torch.ones_like(pre), torch.sigmoid(pre))
-    dz = None
-    if z is not None:
-        zc = z.detach().to(cdt)
-        sg = torch.sigmoid(zc)
-        dz = gout.to(cdt) * t(y_pre) * sg * (1 + zc * (1 - sg))
-    return (t(du), ddelta, t(dA_p).sum(0), t(dBt_p).sum(0).transpose(1, 2),
-            t(dCt_p).sum(0).transpose(1, 2),
-            t(dD_p).sum(0) if D is not None else None, dz,
-            ddelta.sum((0, 2)) if delta_bias is not None else None)
+
+    def red(x):  # sum the chunk slices (a no-op copy-free view for one chunk)
+        return t(x[0]) if nc == 1 else t(x).sum(0)
+
+    return (t(du), t(ddelta), red(dA_p), red(dBt_p).transpose(1, 2), red(dCt_p).transpose(1, 2),
+            red(dD_p) if D is not None else None, t(dz) if z is not None else None,
+            red(dbias_p) if delta_bias is not None else None)

@@ -19,12 +19,12 @@ import torch
 def _check_pos(pos: torch.Tensor, seq_len: int, strictly_increasing: bool) -> None:
     if pos.dim() != 2 or pos.dtype != torch.long:
         raise ValueError(f"pos must be a (B, T) long tensor, got {pos.dtype} {tuple(pos.shape)}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < pos.shape[1]:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < int(pos.shape[1]):
         raise ValueError(f"seq_len must be an int >= T={pos.shape[1]}, got {seq_len!r}")
     if pos.numel() and (pos.min() < 0 or pos.max() >= seq_len):
         raise ValueError(f"pos values must be in [0, {seq_len - 1}], "
                          f"got range [{int(pos.min())}, {int(pos.max())}]")
-    if strictly_increasing and pos.shape[1] > 1 and bool((pos[:, 1:] <= pos[:, :-1]).any()):
+    if strictly_increasing and int(pos.shape[1]) > 1 and bool((pos[:, 1:] <= pos[:, :-1]).any()):
         raise ValueError("pos must be strictly increasing along each row (kept tokens in scan order)")
 
 
@@ -69,13 +69,14 @@ def gap_scaled_delta_B(
         went through softplus: scale after softplus and run the kernel with delta_softplus=False and no
         delta_bias, since softplus((1 + g) x) != (1 + g) softplus(x).
     """
-    L = delta.shape[-1]
-    if gap.dim() != 2 or gap.shape != (delta.shape[0], L) or B.shape[0] != delta.shape[0] or B.shape[-1] != L:
+    L = int(delta.shape[-1])  # a python int also under jit tracing (FLOP counting)
+    if gap.dim() != 2 or tuple(int(s) for s in gap.shape) != (int(delta.shape[0]), L) \
+            or int(B.shape[0]) != int(delta.shape[0]) or int(B.shape[-1]) != L:
         raise ValueError(f"need delta (b, E, L), B (b, ..., L), gap (b, L) with the same b and L, got "
                          f"{tuple(delta.shape)}, {tuple(B.shape)}, {tuple(gap.shape)}")
     s = gap_scale(gap)
-    s_delta = s.view(s.shape[0], *([1] * (delta.dim() - 2)), L).to(delta.dtype)
-    s_B = s.view(s.shape[0], *([1] * (B.dim() - 2)), L).to(B.dtype)
+    s_delta = s.view(int(s.shape[0]), *([1] * (delta.dim() - 2)), L).to(delta.dtype)
+    s_B = s.view(int(s.shape[0]), *([1] * (B.dim() - 2)), L).to(B.dtype)
     return delta * s_delta, B / s_B
 
 
@@ -87,7 +88,7 @@ def scatter_to_sequence(x: torch.Tensor, pos: torch.Tensor, seq_len: int, fill: 
     if x.dim() != 3 or pos.shape != x.shape[:2]:
         raise ValueError(f"x must be (B, T, D) and pos (B, T), got {tuple(x.shape)} and {tuple(pos.shape)}")
     _check_pos(pos, seq_len, strictly_increasing=False)
-    B, T, D = x.shape
+    B, T, D = (int(s) for s in x.shape)
     hits = torch.zeros(B, seq_len, dtype=torch.int32, device=x.device)
     hits.scatter_add_(1, pos, torch.ones_like(pos, dtype=torch.int32))
     if bool((hits > 1).any()):
@@ -99,8 +100,8 @@ def gather_from_sequence(y: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Read the kept tokens back out of a full-length sequence: (B, L, D) -> (B, T, D)."""
     if y.dim() != 3 or pos.dim() != 2 or pos.shape[0] != y.shape[0]:
         raise ValueError(f"y must be (B, L, D) and pos (B, T), got {tuple(y.shape)} and {tuple(pos.shape)}")
-    _check_pos(pos, y.shape[1], strictly_increasing=False)
-    return y.gather(1, pos[..., None].expand(*pos.shape, y.shape[2]))
+    _check_pos(pos, int(y.shape[1]), strictly_increasing=False)
+    return y.gather(1, pos[..., None].expand(*pos.shape, int(y.shape[2])))
 
 
 def restricted_order(order: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ def restricted_order(order: torch.Tensor, kept_positions: torch.Tensor) -> torch
     """
     if order.dim() != 1 or order.dtype != torch.long:
         raise ValueError(f"order must be a 1-D long tensor, got {order.dtype} {tuple(order.shape)}")
-    L = order.shape[0]
+    L = int(order.shape[0])
     if not torch.equal(order.sort().values, torch.arange(L, device=order.device)):
         raise ValueError(f"order must be a permutation of 0..{L - 1}")
     _check_pos(kept_positions, L, strictly_increasing=False)

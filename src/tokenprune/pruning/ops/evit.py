@@ -19,7 +19,7 @@ def _ranked(cls_attn: torch.Tensor, cls_index: Optional[int]) -> torch.Tensor:
     order = torch.sort(cls_attn.detach(), dim=1, descending=True, stable=True).indices
     if cls_index is None:
         return order
-    T = cls_attn.shape[1]
+    T = int(cls_attn.shape[1])
     if isinstance(cls_index, bool) or not isinstance(cls_index, int) or not (0 <= cls_index < T):
         raise ValueError(f"cls_index must be an int in [0, {T - 1}] or None, got {cls_index!r}")
     # A stable sort on the is-CLS flag keeps the score order of everything else.
@@ -42,7 +42,7 @@ def evit_select(
     """
     if cls_attn.dim() != 2:
         raise ValueError(f"cls_attn must be (B, T), got shape {tuple(cls_attn.shape)}")
-    T = cls_attn.shape[1]
+    T = int(cls_attn.shape[1])  # a python int also under jit tracing (FLOP counting)
     n_cand = T - (cls_index is not None)
     if isinstance(keep, bool) or not isinstance(keep, int) or not (1 <= keep <= n_cand):
         raise ValueError(f"keep must be an int in [1, {n_cand}] (non-CLS tokens), got {keep!r}")
@@ -66,9 +66,10 @@ def evit_fuse(
         fused (B, 1, D) and fused_size (B, 1) = sum of the dropped sizes (0 when M = 0).
     """
     xd = batched_gather(x, dropped_idx)
-    fused = torch.einsum("bm,bmd->bd", dropped_weight.to(x.dtype), xd).unsqueeze(1)
+    # A batched matmul (bit-identical to the einsum it replaces): fvcore counts it as an int, einsum as a float.
+    fused = dropped_weight.to(x.dtype).unsqueeze(1) @ xd
     if size is None:
-        fused_size = torch.full((x.shape[0], 1), float(dropped_idx.shape[1]), dtype=x.dtype, device=x.device)
+        fused_size = torch.full((int(x.shape[0]), 1), float(dropped_idx.shape[1]), dtype=x.dtype, device=x.device)
     else:
         fused_size = size.gather(1, dropped_idx).sum(dim=1, keepdim=True)
     return fused, fused_size
@@ -95,11 +96,11 @@ def evit_reduce(
     """
     if x.dim() != 3 or x.shape[:2] != cls_attn.shape:
         raise ValueError(f"x must be (B, T, D) matching cls_attn {tuple(cls_attn.shape)}, got {tuple(x.shape)}")
-    B, T, _ = x.shape
+    B, T, _ = (int(s) for s in x.shape)
     if size is None:
         size = torch.ones(B, T, dtype=x.dtype, device=x.device)
     kept, dropped, weight = evit_select(cls_attn, keep, cls_index)
-    if dropped.shape[1] == 0:
+    if int(dropped.shape[1]) == 0:
         return x, size, torch.arange(T, device=x.device).expand(B, T)
     if cls_index is not None:
         cls = torch.full((B, 1), cls_index, dtype=kept.dtype, device=kept.device)

@@ -19,7 +19,7 @@ def _check_grid(grid) -> Tuple[int, int]:
 def _check_patch_index(patch_index: torch.Tensor, shape, n_cells: int) -> None:
     if patch_index.dtype != torch.long:
         raise ValueError(f"patch_index must be a long tensor, got dtype {patch_index.dtype}")
-    if tuple(patch_index.shape) != tuple(shape):
+    if tuple(int(s) for s in patch_index.shape) != tuple(int(s) for s in shape):
         raise ValueError(f"patch_index must have shape {tuple(shape)}, got {tuple(patch_index.shape)}")
     if patch_index.numel() and (patch_index.min() < -1 or patch_index.max() >= n_cells):
         raise ValueError(
@@ -47,13 +47,13 @@ def scatter_to_grid(
     if values.dim() != 2:
         raise ValueError(f"values must be (B, T), got shape {tuple(values.shape)}")
     _check_patch_index(patch_index, values.shape, H * W)
-    B = values.shape[0]
+    B = int(values.shape[0])  # a python int also under jit tracing (FLOP counting)
     # Non-patch tokens go to an extra dump cell that is cut off afterwards.
     idx = torch.where(patch_index >= 0, patch_index, torch.full_like(patch_index, H * W))
     flat = values.new_full((B, H * W + 1), fill).scatter(1, idx, values)
+    # out-of-place scatter of a tensor (jit tracing, used for FLOP counting, has no bool-scalar scatter_)
     present = torch.zeros(B, H * W + 1, dtype=torch.bool, device=values.device)
-    present.scatter_(1, idx, True)
-    present = present[:, : H * W]
+    present = present.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))[:, : H * W]
     if int(present.sum()) != int((patch_index >= 0).sum()):
         raise ValueError("patch_index has the same grid cell twice in a row; each patch may appear once")
     return flat[:, : H * W].reshape(B, H, W), present.reshape(B, H, W)
@@ -74,7 +74,7 @@ def gather_from_grid(
     """
     if grid_values.dim() != 3:
         raise ValueError(f"grid_values must be (B, H, W), got shape {tuple(grid_values.shape)}")
-    B, H, W = grid_values.shape
+    B, H, W = (int(s) for s in grid_values.shape)
     if patch_index.dim() != 2 or patch_index.shape[0] != B:
         raise ValueError(f"patch_index must be (B={B}, T), got shape {tuple(patch_index.shape)}")
     _check_patch_index(patch_index, patch_index.shape, H * W)

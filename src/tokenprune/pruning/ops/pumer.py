@@ -42,7 +42,7 @@ def pumer_reduce(
                          f"{tuple(x.shape)}, {tuple(scores.shape)}, {tuple(metric.shape)}")
     if isinstance(merge_r, bool) or not isinstance(merge_r, int) or merge_r < 0:
         raise ValueError(f"merge_r must be an int >= 0, got {merge_r!r}")
-    B, T, _ = x.shape
+    B, T, _ = (int(s) for s in x.shape)
     if size is None:
         size = torch.ones(B, T, dtype=x.dtype, device=x.device)
     protected_count(protected, scores.shape)

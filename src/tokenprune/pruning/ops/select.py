@@ -42,7 +42,7 @@ def protected_count(protected: Optional[torch.Tensor], shape) -> int:
     """Number of protected tokens per row; it must be the same for every row (rectangular batches)."""
     if protected is None:
         return 0
-    if protected.dtype != torch.bool or tuple(protected.shape) != tuple(shape):
+    if protected.dtype != torch.bool or tuple(int(s) for s in protected.shape) != tuple(int(s) for s in shape):
         raise ValueError(f"protected must be a bool tensor of shape {tuple(shape)}, "
                          f"got {protected.dtype} {tuple(protected.shape)}")
     counts = protected.sum(dim=1)
@@ -68,7 +68,7 @@ def topk_indices(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, T), got shape {tuple(scores.shape)}")
-    B, T = scores.shape
+    B, T = (int(s) for s in scores.shape)  # python ints also under jit tracing (FLOP counting)
     n_p = protected_count(protected, scores.shape)
     if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= T - n_p):
         raise ValueError(f"k must be an int in [0, {T - n_p}] ({T} tokens, {n_p} protected), got {k!r}")
@@ -98,10 +98,12 @@ def complement_indices(idx: torch.Tensor, T: int) -> torch.Tensor:
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must be (B, K), got shape {tuple(idx.shape)}")
-    B, K = idx.shape
+    B, K = (int(s) for s in idx.shape)
     if K > T or (idx.numel() and (idx.min() < 0 or idx.max() >= T)):
         raise ValueError(f"idx must hold at most T={T} indices in [0, {T - 1}], got {K} indices")
-    keep = torch.ones(B, T, dtype=torch.bool, device=idx.device).scatter_(1, idx, False)
+    # Out-of-place scatter of a tensor: jit tracing has no scatter_ with a bool scalar.
+    keep = torch.ones(B, T, dtype=torch.bool, device=idx.device).scatter(
+        1, idx, torch.zeros_like(idx, dtype=torch.bool))
     if int(keep.sum()) != B * (T - K):
         raise ValueError("idx has repeated indices in a row; complement_indices needs unique indices")
     return torch.arange(T, device=idx.device).expand(B, T)[keep].reshape(B, T - K)

@@ -48,7 +48,7 @@ def bipartite_soft_matching(
         raise ValueError(f"metric must be (B, T, C), got shape {tuple(metric.shape)}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be an int >= 0, got {r!r}")
-    B, T, _ = metric.shape
+    B, T, _ = (int(s) for s in metric.shape)  # python ints also under jit tracing (FLOP counting)
     dev = metric.device
     if protected is None:
         protected = torch.zeros(B, T, dtype=torch.bool, device=dev)
@@ -56,7 +56,7 @@ def bipartite_soft_matching(
         raise ValueError(f"protected must be a bool tensor of shape {(B, T)}, "
                          f"got {protected.dtype} {tuple(protected.shape)}")
     pa, pb = protected[:, ::2], protected[:, 1::2]
-    Ta, Tb = pa.shape[1], pb.shape[1]
+    Ta, Tb = int(pa.shape[1]), int(pb.shape[1])
     if B and Tb:
         free_a = int((~pa).sum(1).min())
         half = int(((T - protected.sum(1)) // 2).min())
@@ -81,7 +81,7 @@ def bipartite_soft_matching(
     @_as3d
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         src, dst = x[:, ::2], x[:, 1::2]
-        c = x.shape[-1]
+        c = int(x.shape[-1])
         unm = src.gather(1, unm_idx[..., None].expand(B, Ta - r, c))
         src = src.gather(1, src_idx[..., None].expand(B, r, c))
         dst = dst.scatter_reduce(1, dst_idx[..., None].expand(B, r, c), src, reduce=mode)
@@ -89,7 +89,7 @@ def bipartite_soft_matching(
 
     @_as3d
     def unmerge(y: torch.Tensor) -> torch.Tensor:
-        c = y.shape[-1]
+        c = int(y.shape[-1])
         unm, dst = y[:, : Ta - r], y[:, Ta - r:]
         out = y.new_zeros(B, T, c)
         out[:, 1::2] = dst

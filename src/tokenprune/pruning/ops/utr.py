@@ -42,7 +42,7 @@ def merge_into(
     s_t' = s_t + sum s_i. ``target_ok`` (B, K) bool marks kept rows that may receive merges.
     """
     xk, sk = batched_gather(x, kept), size.gather(1, kept)
-    if merged.shape[1] == 0:
+    if int(merged.shape[1]) == 0:
         return xk, sk
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -52,7 +52,7 @@ def merge_into(
         dst = sim.argmax(dim=-1)  # (B, M)
     sm = size.gather(1, merged)
     acc = (xk * sk[..., None].to(x.dtype)).scatter_add(
-        1, dst[..., None].expand(-1, -1, x.shape[-1]), batched_gather(x, merged) * sm[..., None].to(x.dtype))
+        1, dst[..., None].expand(-1, -1, int(x.shape[-1])), batched_gather(x, merged) * sm[..., None].to(x.dtype))
     s_out = sk.scatter_add(1, dst, sm)
     return acc / s_out[..., None].to(x.dtype), s_out
 
@@ -83,13 +83,13 @@ def utr_reduce(
                          f"{tuple(x.shape)}, {tuple(scores.shape)}, {tuple(metric.shape)}")
     if isinstance(prune_fraction, bool) or not (0.0 <= float(prune_fraction) <= 1.0):
         raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
-    B, T, _ = x.shape
+    B, T, _ = (int(s) for s in x.shape)  # python ints also under jit tracing (FLOP counting)
     if size is None:
         size = torch.ones(B, T, dtype=x.dtype, device=x.device)
     n_p = protected_count(protected, scores.shape)
     kept = topk_indices(scores, keep, protected, keep_order=True)
     removed = complement_indices(kept, T)
-    n_rm = removed.shape[1]
+    n_rm = int(removed.shape[1])
     n_prune = n_rm if keep == 0 else min(n_rm, math.floor(round(float(prune_fraction) * n_rm, 9) + 0.5))
     # Removed tokens from lowest score up: the first n_prune are dropped, the rest merged.
     by_score = torch.sort(scores.detach().gather(1, removed), dim=1, stable=True).indices

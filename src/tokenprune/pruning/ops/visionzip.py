@@ -54,7 +54,7 @@ def visionzip_reduce(
     if x.dim() != 3 or attn_score.shape != x.shape[:2] or keys.dim() != 3 or keys.shape[:2] != x.shape[:2]:
         raise ValueError(f"x (B, T, D), attn_score (B, T) and keys (B, T, C) must agree, got "
                          f"{tuple(x.shape)}, {tuple(attn_score.shape)}, {tuple(keys.shape)}")
-    B, T, D = x.shape
+    B, T, D = (int(s) for s in x.shape)  # python ints also under jit tracing (FLOP counting)
     has_cls = cls_index is not None
     if has_cls and not (isinstance(cls_index, int) and 0 <= cls_index < T):
         raise ValueError(f"cls_index must be an int in [0, {T - 1}] or None, got {cls_index!r}")
@@ -88,8 +88,9 @@ def visionzip_reduce(
         k = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sim = batched_gather(k, mrg) @ batched_gather(k, tgt).transpose(1, 2)  # (B, R - c, c)
         assign = sim.argmax(dim=-1)
-    onehot = torch.zeros(B, mrg.shape[1], contextual, dtype=x.dtype, device=x.device)
-    onehot.scatter_(2, assign[..., None], 1.0)
+    # Out-of-place scatter of a tensor: jit tracing has no scatter_ with a float scalar.
+    onehot = torch.zeros(B, int(mrg.shape[1]), contextual, dtype=x.dtype, device=x.device).scatter(
+        2, assign[..., None], torch.ones_like(assign[..., None], dtype=x.dtype))
 
     x_tgt, x_mrg = batched_gather(x, tgt), batched_gather(x, mrg)
     s_tgt, s_mrg = size.gather(1, tgt), size.gather(1, mrg)

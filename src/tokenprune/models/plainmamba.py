@@ -1,0 +1,390 @@
+"""PlainMamba (ChenhongyiYang/PlainMamba), checkpoint-compatible, with the token interface.
+
+Module and parameter names follow the official backbone (the mmcls files store them under `backbone.`),
+so `checkpoint_filter_fn` only strips that prefix, renames the classifier `head.fc.*` -> `head.*` and
+drops mmcv's EMA buffers. What the official block does, and we reproduce (docs/plainmamba.md):
+
+- stem: 7x7/2 conv (no bias) + BN + ReLU, `num_convs` x [3x3 conv (no bias) + BN + ReLU] at 64 channels,
+  then a (p/2)x(p/2) stride-(p/2) conv to the embedding (bottom/right "corner" padding when needed);
+  learned pos-embed, no CLS;
+- block: x + drop_path(mixer(LayerNorm(x))), then (L1, block 0 only) depthwise 3x3 conv + BN + GELU on the
+  grid, applied to the block output without a residual;
+- mixer: in_proj (bias) -> x, z; x -> depthwise 7x7 Conv2d (bias) on the grid -> SiLU; x_proj -> dt, B, C;
+  dt = dt_proj(dt) *with* its bias, and the scan adds the same bias again inside the softplus (the dt bias
+  is applied twice); four zig-zag scans whose *input* u is permuted into each order while dt, B and C stay
+  in raster order (step t of every scan uses dt/B/C of raster position t); B + direction_Bs[label of step t];
+  D skip, no gate inside the scan; outputs un-permuted and summed, then * SiLU(z), out_proj (bias);
+- final LayerNorm (eps 1e-6, official name `ln1`), mean over tokens, Linear head.
+
+Pruned tokens: `state.pos` holds the raster positions of the kept tokens (ascending). Each zig-zag scan is
+the full order restricted to them; the raster-order quirk carries over (step j uses dt/B/C of the j-th kept
+token in raster order); each step keeps the direction label the full scan gave the token it visits; the
+depthwise convs run on the grid with zeros at pruned positions. Alignment (`state.extras["align"]`):
+"gap" scales the decay of each step by (1 + pruned positions skipped in *that* order), "mask" runs the block
+on the full grid with zeros at pruned positions and gathers the kept tokens back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ..pruning.state import TokenState, initial_state
+from ..ssm import selective_scan
+from .base import TokenBackbone
+from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
+from .vim import DirectionScope
+
+ScanContext = Dict[str, object]
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _to_grid(tokens: torch.Tensor, pos: Optional[torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, T, C) tokens -> (B, C, H, W) view as the official code makes it; pruned positions are zeros."""
+    B, T, C = tokens.shape
+    H, W = grid
+    if pos is not None:
+        tokens = tokens.new_zeros(B, H * W, C).scatter(1, pos.unsqueeze(-1).expand(-1, -1, C), tokens)
+    return tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _from_grid(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, T, C) at the raster positions pos (all positions when pos is None)."""
+    B, C, H, W = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    if pos is None:
+        return flat
+    return flat.gather(1, pos.unsqueeze(-1).expand(-1, -1, C))
+
+
+class ConvPatchEmbed(nn.Module):
+    """Official conv stem: 7x7/2 conv-BN-ReLU, `num_convs` 3x3 conv-BN-ReLU, (p/2)x(p/2)/(p/2) projection."""
+
+    def __init__(self, img_size=224, in_chans: int = 3, embed_dim: int = 192, num_convs: int = 1,
+                 patch_size: int = 16, stem_chs: int = 64):
+        super().__init__()
+        if patch_size % 2:
+            raise ValueError(f"PlainMamba's stem halves the image first, so patch_size must be even, got {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = _pair(img_size), patch_size, in_chans
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_chs, 7, 2, 3, bias=False), nn.BatchNorm2d(stem_chs),
+                                  nn.ReLU(inplace=True))
+        convs: List[nn.Module] = []
+        for _ in range(num_convs):
+            convs += [nn.Conv2d(stem_chs, stem_chs, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_chs),
+                      nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs) if convs else None
+        self.kernel = patch_size // 2
+        self.projection = nn.Conv2d(stem_chs, embed_dim, self.kernel, self.kernel)
+        self.grid_size = self.out_size(self.img_size)
+
+    @property
+    def proj(self) -> nn.Module:
+        """The first conv (input channels = image channels), for code that reads `patch_embed.proj`."""
+        return self.stem[0]
+
+    def out_size(self, hw: Sequence[int]) -> Tuple[int, int]:
+        h, w = ((s + 1) // 2 for s in hw)  # after the 7x7 stride-2 conv with padding 3
+        return math.ceil(h / self.kernel), math.ceil(w / self.kernel)
+
+    def _corner_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """mmcv AdaptivePadding("corner"): pad bottom/right so the projection covers every pixel."""
+        h, w = x.shape[-2:]
+        pad_h = max((math.ceil(h / self.kernel) - 1) * self.kernel + self.kernel - h, 0)
+        pad_w = max((math.ceil(w / self.kernel) - 1) * self.kernel + self.kernel - w, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, [0, pad_w, 0, pad_h])
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.convs is not None:
+            x = self.convs(x)
+        x = self.projection(self._corner_pad(x))
+        return x.flatten(2).transpose(1, 2)
+
+
+class PlainMamba2D(nn.Module):
+    """The official mixer (parameter names kept): four zig-zag selective scans with direction-aware B."""
+
+    def __init__(self, d_model: int, grid: Tuple[int, int], d_state: int = 16, expand: int = 2,
+                 dt_rank="auto", conv_size: int = 7, conv_bias: bool = True, bias: bool = True,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        if conv_size % 2 != 1:
+            raise ValueError(f"conv_size must be odd, got {conv_size}")
+        self.d_model, self.d_state, self.grid = d_model, d_state, tuple(grid)
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        E, N, R = self.d_inner, d_state, self.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.conv2d = nn.Conv2d(E, E, conv_size, padding=conv_size // 2, groups=E, bias=conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+        dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
+            min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        self.direction_Bs = nn.Parameter(torch.zeros(NUM_DIRECTION_LABELS, N))
+        trunc_normal_(self.direction_Bs, std=0.02)
+        for p in (self.A_log, self.D, self.direction_Bs):  # the official recipe: no weight decay on these
+            p._no_weight_decay = True
+        orders, inverse, labels = scan_tables(*self.grid)
+        self.register_buffer("orders", orders, persistent=False)
+        self.register_buffer("order_inverse", inverse, persistent=False)
+        self.register_buffer("order_labels", labels, persistent=False)
+        self.scans = nn.ModuleList(DirectionScope() for _ in range(NUM_ORDERS))  # FLOPs per direction
+
+    # -- one direction ------------------------------------------------------------------------------------
+    def _scan(self, x_conv, dt, A, Bm, Cm, k: int, scan: Optional[RestrictedScan]):
+        """Scan k on x_conv (b, T, E) in token order; returns (b, T, E) in token order."""
+        b, T, E = x_conv.shape
+        if scan is None:  # unpruned: the official tables
+            u = x_conv.index_select(1, self.orders[k])
+            dB = self.direction_Bs[self.order_labels[k]].t().unsqueeze(0).expand(b, -1, -1)
+        else:
+            u = x_conv.gather(1, scan.perm.unsqueeze(-1).expand(-1, -1, E))
+            dB = self.direction_Bs[scan.labels].transpose(1, 2)
+        u = u.transpose(1, 2).contiguous()
+        B_k = (Bm + dB.to(dtype=Bm.dtype)).contiguous()
+        if scan is None or scan.gaps is None:
+            y = selective_scan(u, dt, A, B_k, Cm, self.D.float(), z=None, delta_bias=self.dt_proj.bias.float(),
+                               delta_softplus=True)
+        else:  # gap-aware decay: exp((1+g) delta A), input term delta B u unchanged
+            scale = (1.0 + scan.gaps.float()).unsqueeze(1)  # (b, 1, T), per scan step
+            delta = F.softplus(dt.float() + self.dt_proj.bias.float()[None, :, None]) * scale
+            y = selective_scan(u, delta, A, B_k.float() / scale, Cm, self.D.float(), z=None, delta_softplus=False)
+        y = y.transpose(1, 2)  # (b, T, E) in scan-step order
+        if scan is None:
+            return y.index_select(1, self.order_inverse[k])
+        return y.gather(1, scan.inverse.unsqueeze(-1).expand(-1, -1, E))
+
+    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want_ssm_out: bool = False):
+        """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned."""
+        pos = None if ctx is None else ctx["pos"]
+        scans = [None] * NUM_ORDERS if ctx is None else ctx["scans"]
+        xz = self.in_proj(x)
+        A = -torch.exp(self.A_log.float())
+        x, z = xz.chunk(2, dim=-1)
+        x_conv = _from_grid(F.silu(self.conv2d(_to_grid(x, pos, self.grid))), pos)
+        x_dbl = self.x_proj(x_conv)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt)  # the bias is added here, and again inside the scan's softplus (official)
+        dt = dt.permute(0, 2, 1).contiguous()
+        Bm = Bm.permute(0, 2, 1).contiguous()
+        Cm = Cm.permute(0, 2, 1).contiguous()
+        ys = [self.scans[k](self._scan, x_conv, dt, A, Bm, Cm, k, scans[k]) for k in range(NUM_ORDERS)]
+        y = sum(ys) * F.silu(z)
+        out = self.out_proj(y)
+        if not want_ssm_out:
+            return out, None
+        importance = sum(yk.float().clamp(min=0).sum(-1) for yk in ys)  # (b, T), token order
+        return out, importance
+
+
+class PlainMambaLayer(nn.Module):
+    """x + drop_path(mamba(norm(x))); L1's first layer adds a depthwise 3x3 conv + BN + GELU on the grid."""
+
+    def __init__(self, embed_dims: int, grid: Tuple[int, int], with_dwconv: bool = False,
+                 drop_path_rate: float = 0.0, **mamba_cfg):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.norm = nn.LayerNorm(embed_dims)
+        self.with_dwconv = with_dwconv
+        if with_dwconv:
+            self.dw = nn.Sequential(nn.Conv2d(embed_dims, embed_dims, 3, padding=1, bias=False, groups=embed_dims),
+                                    nn.BatchNorm2d(embed_dims), nn.GELU())
+        self.mamba = PlainMamba2D(embed_dims, grid, **mamba_cfg)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want_ssm_out: bool = False):
+        mixed, importance = self.mamba(self.norm(x), ctx, want_ssm_out)
+        mixed = self.drop_path(mixed) + x
+        if self.with_dwconv:
+            mixed = self._dwconv(mixed, None if ctx is None else ctx["pos"])
+        return mixed, importance
+
+    def _dwconv(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        conv, bn, act = self.dw
+        if pos is None:  # official: (b, c, h*w) view of the output, then tokens
+            y = self.dw(_to_grid(x, None, self.grid))
+            return y.reshape(y.shape[0], y.shape[1], -1).permute(0, 2, 1)
+        # conv on the zero-filled grid; BN on the kept tokens only (its batch statistics in training must
+        # not see the zeros), then GELU
+        y = _from_grid(conv(_to_grid(x, pos, self.grid)), pos)  # (b, T, C)
+        y = bn(y.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return act(y)
+
+
+class PlainMamba(TokenBackbone):
+    """PlainMamba classifier: conv stem + pos-embed, plain Mamba layers, final LN, mean pooling, Linear."""
+
+    signals = {"hidden", "ssm_out"}
+    reduction_point = "post"
+    is_ssm = True
+    has_cls = False
+    num_protected = 0
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 192, depth: int = 24, num_convs_patch_embed: int = 1,
+                 layers_with_dwconv: Sequence[int] = (), d_state: int = 16, expand: int = 2, conv_size: int = 7,
+                 stem_chs: int = 64, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 final_norm_eps: float = 1e-6, **_ignored):
+        super().__init__()
+        self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
+        self.num_features = embed_dim
+        self.patch_embed = ConvPatchEmbed(img_size, in_chans, embed_dim, num_convs_patch_embed, patch_size,
+                                          stem_chs)
+        self.grid = tuple(self.patch_embed.grid_size)
+        self.input_size = (in_chans, *self.patch_embed.img_size)
+        num_patches = self.grid[0] * self.grid[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.drop_after_pos = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linspace(0, r, depth)
+        bad = [i for i in layers_with_dwconv if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"layers_with_dwconv {list(bad)} out of range for depth {depth}")
+        self.layers = nn.ModuleList(
+            PlainMambaLayer(embed_dim, self.grid, with_dwconv=i in set(layers_with_dwconv), drop_path_rate=rates[i],
+                            d_state=d_state, expand=expand, conv_size=conv_size)
+            for i in range(depth))
+        self.ln1 = nn.LayerNorm(embed_dim, eps=final_norm_eps)  # the official final norm's name
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        """The official training init: every Linear trunc-normal(0.02) with zero bias (the classifier-level
+        init_cfg also covers in/x/dt/out_proj), LayerNorm 1/0, pos_embed trunc-normal(0.02)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    @property
+    def num_layers(self) -> int:
+        return self.depth
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return self.ln1
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- token interface ----------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> TokenState:
+        hw = tuple(images.shape[-2:])
+        if self.patch_embed.out_size(hw) != self.grid:
+            raise ValueError(f"{type(self).__name__} was built for {self.patch_embed.img_size[0]}x"
+                             f"{self.patch_embed.img_size[1]} images (a {self.grid[0]}x{self.grid[1]} grid); got "
+                             f"{hw[0]}x{hw[1]}. Create it with img_size={hw[0]} for another resolution.")
+        x = self.patch_embed(images)
+        x = self.drop_after_pos(x + self.pos_embed)
+        return initial_state(x, self.grid, special=(), cls_at=None)
+
+    def _scan_context(self, state: TokenState, gap: bool) -> Optional[ScanContext]:
+        """Restricted orders for the current tokens (cached in state.extras while pos is unchanged)."""
+        L = self.grid[0] * self.grid[1]
+        if state.num_tokens == L and not state.extras.get("reduced"):
+            return None
+        cached = state.extras.get("plainmamba_scan")
+        if cached is None or cached[0] is not state.pos:
+            mixer = self.layers[0].mamba
+            scans = restricted_scans(state.pos, mixer.order_inverse, mixer.order_labels)
+            cached = (state.pos, scans)
+            state.extras = {**state.extras, "plainmamba_scan": cached}  # a new dict: never edit a shared one
+        scans = cached[1]
+        if not gap:
+            scans = [s._replace(gaps=None) for s in scans]
+        return {"pos": state.pos, "scans": scans}
+
+    def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
+        needs = getattr(hook, "needs", set()) if hook is not None else set()
+        want = "ssm_out" in needs
+        align = state.extras.get("align")
+        if align not in (None, "gap", "mask"):
+            raise ValueError(f"unknown alignment {align!r}; expected None, 'gap' or 'mask'")
+        L = self.grid[0] * self.grid[1]
+        if align == "mask" and state.num_tokens < L:
+            out, importance = self._run_block_masked(i, state, want)
+        else:
+            ctx = self._scan_context(state, gap=align == "gap")
+            out, importance = self.layers[i](state.x, ctx, want_ssm_out=want)
+        state = state.with_tokens(x=out)
+        if hook is None:
+            return state
+        return hook(state, {"ssm_out": importance, "hidden": out})
+
+    def _run_block_masked(self, i: int, state: TokenState, want: bool):
+        """Masking alignment: the block runs on the full grid with zero hidden states at pruned positions."""
+        pos = state.pos
+        B, T, D = state.x.shape
+        L = self.grid[0] * self.grid[1]
+        full = state.x.new_zeros(B, L, D).scatter(1, pos.unsqueeze(-1).expand(-1, -1, D), state.x)
+        out, importance = self.layers[i](full, None, want_ssm_out=want)
+        out = out.gather(1, pos.unsqueeze(-1).expand(-1, -1, D))
+        return out, None if importance is None else importance.gather(1, pos)
+
+    def classify(self, state: TokenState) -> torch.Tensor:
+        h = self.ln1(state.x)
+        size = state.size
+        if size is None or bool((size == 1).all()):
+            pooled = h.mean(dim=1)
+        else:  # merged tokens stand for several patches: size-weighted mean
+            w = size.to(h.dtype).unsqueeze(-1)
+            pooled = (h * w).sum(dim=1) / w.sum(dim=1)
+        return self.head(pooled)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        state = self.embed(images)
+        for i in range(self.depth):
+            state = self.run_block(i, state)
+        return self.ln1(state.x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[PlainMamba] = None,
+                         use_ema_buffers: bool = False) -> Dict[str, torch.Tensor]:
+    """Official mmcls keys -> ours: strip `backbone.`, `head.fc.` -> `head.`, drop mmcv EMA buffers.
+
+    The official EMA hook stores the EMA weights as extra buffers `ema_<name with dots as underscores>`
+    beside the weights; with use_ema_buffers=True they replace the weights they shadow.
+    """
+    ema = {k[len("ema_"):]: v for k, v in state_dict.items() if k.startswith("ema_")}
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("ema_"):
+            continue
+        if use_ema_buffers:
+            shadow = ema.get(key.replace(".", "_"))
+            if shadow is None:
+                if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    shadow = value  # buffers have no EMA copy
+                else:
+                    raise KeyError(f"use_ema=True but the file has no EMA copy of {key!r} "
+                                   f"(expected a key 'ema_{key.replace('.', '_')}')")
+            value = shadow
+        if key.startswith("backbone."):
+            key = key[len("backbone."):]
+        elif key.startswith("head.fc."):
+            key = "head." + key[len("head.fc."):]
+        out[key] = value
+    return out

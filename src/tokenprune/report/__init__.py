@@ -1,0 +1,30 @@
+"""Reports of an evaluation grid: tables (results.md / .csv / .json) and plots (accuracy vs GFLOPs, kept patches).
+
+    from tokenprune.report import write_report
+    files = write_report(result, "reports/my_run")   # result as made by tokenprune.evaluate.run_grid
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+from .plots import plot_accuracy_vs_gflops, plot_kept_patches
+from .tables import ROW_FIELDS, TABLE_COLUMNS, markdown_report, markdown_table, write_csv, write_json, write_tables
+
+__all__ = ["write_report", "write_tables", "markdown_report", "markdown_table", "write_csv", "write_json",
+           "plot_accuracy_vs_gflops", "plot_kept_patches", "ROW_FIELDS", "TABLE_COLUMNS"]
+
+
+def write_report(result: Dict[str, Any], out_dir: str) -> List[str]:
+    """Write every report file into out_dir; returns their paths (plots first, so results.md can link them)."""
+    os.makedirs(out_dir, exist_ok=True)
+    plots = []
+    p = plot_accuracy_vs_gflops(result.get("rows", []), os.path.join(out_dir, "accuracy_vs_gflops.png"))
+    if p:
+        plots.append(p)
+    grids = {b["name"]: tuple(b["grid"]) for b in result.get("backbones", [])}
+    p = plot_kept_patches(result.get("visuals") or {}, grids, os.path.join(out_dir, "kept_patches.png"))
+    if p:
+        plots.append(p)
+    result["plots"] = [os.path.basename(p) for p in plots]
+    return write_tables(result, out_dir) + plots

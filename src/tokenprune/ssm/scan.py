@@ -1,0 +1,226 @@
+"""Run-time dispatch of the selective scan, and the autograd Function around it.
+
+The "cpu" (numba) and "cuda" (mamba-ssm) paths both run inside one
+``torch.autograd.Function`` named ``SelectiveScan``, so ``torch.jit.trace`` (and
+fvcore) sees a single ``prim::PythonOp`` node whose ``pyname()`` is
+"SelectiveScan", whichever kernel ran. "reference" is the plain PyTorch loop.
+"""
+import contextlib
+import os
+import threading
+import warnings
+
+import torch
+
+from .reference import selective_scan_reference
+
+IMPLS = ("reference", "cpu", "cuda")
+ENV_VAR = "TOKENPRUNE_SCAN"
+
+_lock = threading.Lock()
+_state = {"default": None, "last": None, "counts": {name: 0 for name in IMPLS}}
+
+
+def _check_name(name, source):
+    if name not in IMPLS:
+        raise ValueError(f"unknown selective-scan impl {name!r} (from {source}); "
+                         f"expected one of {list(IMPLS)} or None for automatic")
+    return name
+
+
+def set_scan_impl(name):
+    """Set the impl used when ``impl=None`` (None or "auto": back to automatic).
+
+    Takes precedence over the ``TOKENPRUNE_SCAN`` environment variable."""
+    if name == "auto":
+        name = None
+    _state["default"] = None if name is None else _check_name(name, "set_scan_impl")
+
+
+def get_scan_impl(u=None):
+    """The configured impl (set_scan_impl, else $TOKENPRUNE_SCAN); "auto" if none.
+
+    With a tensor ``u``, the automatic choice for it is resolved as well."""
+    name = _state["default"]
+    if name is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            name = _check_name(env, f"${ENV_VAR}")
+    if name is not None or u is None:
+        return name or "auto"
+    if u.is_cuda:  # without mamba-ssm the torch loop still runs on the GPU
+        return "cuda" if mamba_available() else "reference"
+    return "cpu" if numba_available() else "reference"
+
+
+@contextlib.contextmanager
+def scan_impl(name):
+    """Temporarily set the default impl: ``with scan_impl("reference"): ...``."""
+    previous = _state["default"]
+    set_scan_impl(name)
+    try:
+        yield
+    finally:
+        _state["default"] = previous
+
+
+def scan_impl_report():
+    """Which impl ran last, how often each ran, and the current configuration."""
+    with _lock:
+        report = {"last": _state["last"], "counts": dict(_state["counts"])}
+    report.update(default=get_scan_impl(), mamba_ssm=mamba_available(),
+                  numba=numba_available())
+    if report["numba"] and report["counts"]["cpu"]:
+        import numba
+        report["numba_threading_layer"] = numba.threading_layer()
+    return report
+
+
+def reset_scan_impl_report():
+    with _lock:
+        _state["last"] = None
+        _state["counts"] = {name: 0 for name in IMPLS}
+
+
+def _record(name):
+    with _lock:
+        _state["last"] = name
+        _state["counts"][name] += 1
+
+
+# ---- optional back-ends (imported lazily; never required) -----------------
+
+_cache = {}
+
+
+def _mamba_fn():
+    if "mamba" not in _cache:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        except Exception:  # ImportError, or a CUDA extension that fails to load
+            selective_scan_fn = None
+        _cache["mamba"] = selective_scan_fn
+    return _cache["mamba"]
+
+
+def mamba_available():
+    return _mamba_fn() is not None
+
+
+def numba_available():
+    if "numba" not in _cache:
+        try:
+            from . import cpu_kernel  # noqa: F401
+            _cache["numba"] = True
+        except ImportError:
+            _cache["numba"] = False
+    return _cache["numba"]
+
+
+# ---- the autograd Function ------------------------------------------------
+
+def _cuda_forward(ctx, args, softplus):
+    # mamba-ssm's public selective_scan_fn is itself an autograd Function; build
+    # its graph on detached leaves here and differentiate it in backward, so
+    # only its stable public API is used (not selective_scan_cuda.fwd/bwd).
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_(need)
+                  for x, need in zip(args, ctx.needs_input_grad)]
+        out = _mamba_fn()(*leaves, delta_softplus=softplus)
+    ctx.cuda_graph = (leaves, out)
+    return out.detach()
+
+
+def _cuda_backward(ctx, gout):
+    leaves, out = ctx.cuda_graph
+    del ctx.cuda_graph
+    wanted = [x for x in leaves if x is not None and x.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, gout) if wanted else ())
+    return [next(grads) if x is not None and x.requires_grad else None for x in leaves]
+
+
+@contextlib.contextmanager
+def _quiet_trace():
+    """Under torch.jit.trace the Function is one prim::PythonOp that re-runs this
+    Python code on every call; the tracer still walks the numpy internals and
+    warns that they are constants, which is harmless here, so silence that."""
+    if not torch.jit.is_tracing():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+class SelectiveScan(torch.autograd.Function):
+    """One Function for the fast paths (fvcore: prim::PythonOp.SelectiveScan)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+        ctx.impl, ctx.softplus = impl, bool(delta_softplus)
+        args = (u, delta, A, B, C, D, z, delta_bias)
+        with _quiet_trace():
+            if impl == "cuda":
+                return _cuda_forward(ctx, args, ctx.softplus)
+            from .cpu_kernel import cpu_scan_forward
+            ctx.save_for_backward(*args)
+            out = cpu_scan_forward(*args, delta_softplus=ctx.softplus)
+            return out.to(device=u.device, dtype=u.dtype)
+
+    @staticmethod
+    def backward(ctx, gout):
+        if ctx.impl == "cuda":
+            grads = _cuda_backward(ctx, gout)
+        else:
+            from .cpu_kernel import cpu_scan_backward
+            args = ctx.saved_tensors
+            grads = cpu_scan_backward(gout, *args, delta_softplus=ctx.softplus)
+            grads = [None if g is None or not need else g.to(device=x.device, dtype=x.dtype)
+                     for g, x, need in zip(grads, args, ctx.needs_input_grad)]
+        return (*grads, None, None)
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, E, L), got shape {tuple(u.shape)}")
+    b, e, L = u.shape
+    n = A.shape[-1] if A.dim() == 2 else -1
+    expected = {"delta": (delta, (b, e, L)), "A": (A, (e, n)), "B": (B, (b, n, L)),
+                "C": (C, (b, n, L)), "D": (D, (e,)), "z": (z, (b, e, L)),
+                "delta_bias": (delta_bias, (e,))}
+    for name, (x, shape) in expected.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(x.shape)}, expected "
+                             f"{shape} for u of shape (batch, E, L) = {(b, e, L)} and "
+                             f"A of shape (E, N) = {tuple(A.shape)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, impl=None):
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` semantics (see
+    ``selective_scan_reference``); ``impl`` in {"reference", "cpu", "cuda"} or
+    None for the configured/automatic choice (``get_scan_impl(u)``)."""
+    name = get_scan_impl(u) if impl is None else _check_name(impl, "impl argument")
+    if not torch.jit.is_tracing():  # traced sizes are tensors: comparing them warns
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if name == "cuda" and not (mamba_available() and u.is_cuda):
+        raise RuntimeError(
+            "selective_scan impl 'cuda' needs mamba-ssm (pip install -e .[cuda]) and CUDA "
+            f"tensors; mamba-ssm importable: {mamba_available()}, u.device: {u.device}. "
+            f"Use impl='cpu' or 'reference' (or ${ENV_VAR}) instead.")
+    if name == "cpu" and not numba_available():
+        raise RuntimeError("selective_scan impl 'cpu' needs numba (pip install numba)")
+    _record(name)
+    if name == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
+
+
+def scan_flops(L, E, N, with_D):
+    """FLOPs of one selective scan (DESIGN §5): 9·L·E·N, plus L·E for the D term."""
+    return 9 * L * E * N + (L * E if with_D else 0)
+
+
+__all__ = ["IMPLS", "SelectiveScan", "selective_scan", "selective_scan_reference",
+           "set_scan_impl", "get_scan_impl", "scan_impl", "scan_impl_report",
+           "reset_scan_impl_report", "scan_flops"]
