@@ -66,7 +66,9 @@ def test_flops_fall_as_the_budget_falls(backbone, method):
     proposal = timm.create_model("papr_convnet_micro")
     totals = [count_flops(tokenprune.create_model(base, method, keep=k, proposal=proposal)).total
               for k in (1.0, 0.8, 0.6, 0.5)]
-    assert totals[0] > totals[1] > totals[2] > totals[3], totals
+    assert totals[1] > totals[2] > totals[3], totals
+    if not method.startswith("papr"):  # on these tiny backbones the proposal ConvNet costs more than it saves
+        assert totals[0] > totals[1], totals
 
 
 def test_proposal_network_is_counted():

@@ -294,7 +294,8 @@ def manual_mixer(mx, x, pos, grid, gaps=False):
 @pytest.mark.parametrize("gaps", [False, True])
 def test_pruned_mixer_scans_the_restricted_orders(gaps):
     torch.manual_seed(4)
-    mx = PlainMamba(img_size=16, patch_size=4, embed_dim=8, depth=1, d_state=3, num_classes=2).layers[0].mamba
+    model = PlainMamba(img_size=16, patch_size=4, embed_dim=8, depth=1, d_state=3, num_classes=2)
+    mx = model.layers[0].mamba
     with torch.no_grad():
         mx.direction_Bs.normal_()
         mx.dt_proj.bias.uniform_(-1, 0.5)
@@ -303,11 +304,11 @@ def test_pruned_mixer_scans_the_restricted_orders(gaps):
     assert mx.grid == (4, 4)
     x = torch.randn(2, len(KEPT), 8)
     pos = torch.tensor([KEPT, KEPT])
-    scans = restricted_scans(pos, mx.order_inverse, mx.order_labels)
+    ctx = model.scan_context(pos)
     if not gaps:
-        scans = [s._replace(gaps=None) for s in scans]
+        ctx["scans"] = [s._replace(gaps=None) for s in ctx["scans"]]
     with torch.no_grad(), scan_impl("reference"):
-        out, importance = mx(x, {"pos": pos, "scans": scans}, want_ssm_out=True)
+        out, importance = mx(x, ctx, want_ssm_out=True)
         expected = manual_mixer(mx, x, KEPT, (4, 4), gaps=gaps)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert importance.shape == (2, 6) and bool((importance >= 0).all())
@@ -317,9 +318,9 @@ def test_general_path_with_every_token_equals_the_fast_path(lively, images):
     state = lively.embed(images)
     with torch.no_grad():
         fast = lively.layers[0](state.x)[0]
-        pos = state.pos
-        scans = restricted_scans(pos, lively.layers[0].mamba.order_inverse, lively.layers[0].mamba.order_labels)
-        general = lively.layers[0](state.x, {"pos": pos, "scans": [s._replace(gaps=None) for s in scans]})[0]
+        ctx = lively.scan_context(state.pos)
+        ctx["scans"] = [s._replace(gaps=None) for s in ctx["scans"]]
+        general = lively.layers[0](state.x, ctx)[0]
     torch.testing.assert_close(general, fast, rtol=1e-6, atol=1e-6)
 
 

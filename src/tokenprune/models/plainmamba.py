@@ -46,22 +46,41 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _to_grid(tokens: torch.Tensor, pos: Optional[torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
-    """(B, T, C) tokens -> (B, C, H, W) view as the official code makes it; pruned positions are zeros."""
+def flat_index(idx: torch.Tensor, stride: int) -> torch.Tensor:
+    """(b, T) row-wise indices -> (b*T,) indices into the (b*stride, C) view of a (b, stride, C) tensor."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * stride
+    return (idx + offsets).reshape(-1)
+
+
+def take(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Row-wise gather with flat indices: (b, S, C) -> (b, T, C) (index_select: cheaper than gather)."""
+    b, S, C = x.shape
+    return x.reshape(b * S, C).index_select(0, flat).view(b, -1, C)
+
+
+def put(x: torch.Tensor, flat: torch.Tensor, length: int) -> torch.Tensor:
+    """Row-wise scatter into zeros: (b, T, C) -> (b, length, C) with x at the flat indices."""
+    b, T, C = x.shape
+    out = x.new_zeros(b * length, C)
+    out.index_put_((flat,), x.reshape(b * T, C))
+    return out.view(b, length, C)
+
+
+def _to_grid(tokens: torch.Tensor, grid_index: Optional[torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, T, C) tokens -> (B, C, H, W) view as the official code makes it; pruned positions are zeros.
+    grid_index: flat_index(pos, H*W) of the current tokens, or None when all H*W tokens are present."""
     B, T, C = tokens.shape
     H, W = grid
-    if pos is not None:
-        tokens = tokens.new_zeros(B, H * W, C).scatter(1, pos.unsqueeze(-1).expand(-1, -1, C), tokens)
+    if grid_index is not None:
+        tokens = put(tokens, grid_index, H * W)
     return tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
-def _from_grid(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, T, C) at the raster positions pos (all positions when pos is None)."""
+def _from_grid(x: torch.Tensor, grid_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, T, C) at the current tokens (all positions when grid_index is None)."""
     B, C, H, W = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    if pos is None:
-        return flat
-    return flat.gather(1, pos.unsqueeze(-1).expand(-1, -1, C))
+    return flat if grid_index is None else take(flat, grid_index)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -146,14 +165,15 @@ class PlainMamba2D(nn.Module):
         self.scans = nn.ModuleList(DirectionScope() for _ in range(NUM_ORDERS))  # FLOPs per direction
 
     # -- one direction ------------------------------------------------------------------------------------
-    def _scan(self, x_conv, dt, A, Bm, Cm, k: int, scan: Optional[RestrictedScan]):
+    def _scan(self, x_conv, dt, A, Bm, Cm, k: int, ctx: Optional[ScanContext]):
         """Scan k on x_conv (b, T, E) in token order; returns (b, T, E) in token order."""
         b, T, E = x_conv.shape
+        scan: Optional[RestrictedScan] = None if ctx is None else ctx["scans"][k]
         if scan is None:  # unpruned: the official tables
             u = x_conv.index_select(1, self.orders[k])
             dB = self.direction_Bs[self.order_labels[k]].t().unsqueeze(0).expand(b, -1, -1)
         else:
-            u = x_conv.gather(1, scan.perm.unsqueeze(-1).expand(-1, -1, E))
+            u = take(x_conv, ctx["visit"][k])
             dB = self.direction_Bs[scan.labels].transpose(1, 2)
         u = u.transpose(1, 2).contiguous()
         B_k = (Bm + dB.to(dtype=Bm.dtype)).contiguous()
@@ -167,23 +187,22 @@ class PlainMamba2D(nn.Module):
         y = y.transpose(1, 2)  # (b, T, E) in scan-step order
         if scan is None:
             return y.index_select(1, self.order_inverse[k])
-        return y.gather(1, scan.inverse.unsqueeze(-1).expand(-1, -1, E))
+        return take(y, ctx["unvisit"][k])
 
     def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want_ssm_out: bool = False):
         """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned."""
-        pos = None if ctx is None else ctx["pos"]
-        scans = [None] * NUM_ORDERS if ctx is None else ctx["scans"]
+        grid_index = None if ctx is None else ctx["grid_index"]
         xz = self.in_proj(x)
         A = -torch.exp(self.A_log.float())
         x, z = xz.chunk(2, dim=-1)
-        x_conv = _from_grid(F.silu(self.conv2d(_to_grid(x, pos, self.grid))), pos)
+        x_conv = _from_grid(F.silu(self.conv2d(_to_grid(x, grid_index, self.grid))), grid_index)
         x_dbl = self.x_proj(x_conv)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # the bias is added here, and again inside the scan's softplus (official)
         dt = dt.permute(0, 2, 1).contiguous()
         Bm = Bm.permute(0, 2, 1).contiguous()
         Cm = Cm.permute(0, 2, 1).contiguous()
-        ys = [self.scans[k](self._scan, x_conv, dt, A, Bm, Cm, k, scans[k]) for k in range(NUM_ORDERS)]
+        ys = [self.scans[k](self._scan, x_conv, dt, A, Bm, Cm, k, ctx) for k in range(NUM_ORDERS)]
         y = sum(ys) * F.silu(z)
         out = self.out_proj(y)
         if not want_ssm_out:
@@ -211,17 +230,17 @@ class PlainMambaLayer(nn.Module):
         mixed, importance = self.mamba(self.norm(x), ctx, want_ssm_out)
         mixed = self.drop_path(mixed) + x
         if self.with_dwconv:
-            mixed = self._dwconv(mixed, None if ctx is None else ctx["pos"])
+            mixed = self._dwconv(mixed, None if ctx is None else ctx["grid_index"])
         return mixed, importance
 
-    def _dwconv(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    def _dwconv(self, x: torch.Tensor, grid_index: Optional[torch.Tensor]) -> torch.Tensor:
         conv, bn, act = self.dw
-        if pos is None:  # official: (b, c, h*w) view of the output, then tokens
+        if grid_index is None:  # official: (b, c, h*w) view of the output, then tokens
             y = self.dw(_to_grid(x, None, self.grid))
             return y.reshape(y.shape[0], y.shape[1], -1).permute(0, 2, 1)
         # conv on the zero-filled grid; BN on the kept tokens only (its batch statistics in training must
         # not see the zeros), then GELU
-        y = _from_grid(conv(_to_grid(x, pos, self.grid)), pos)  # (b, T, C)
+        y = _from_grid(conv(_to_grid(x, grid_index, self.grid)), grid_index)  # (b, T, C)
         y = bn(y.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         return act(y)
 
@@ -299,20 +318,28 @@ class PlainMamba(TokenBackbone):
         return initial_state(x, self.grid, special=(), cls_at=None)
 
     def _scan_context(self, state: TokenState, gap: bool) -> Optional[ScanContext]:
-        """Restricted orders for the current tokens (cached in state.extras while pos is unchanged)."""
+        """Restricted orders and flat indices for the current tokens (cached in state.extras while pos is
+        the same tensor); None when all H*W tokens are present and nothing was reduced (the official path)."""
         L = self.grid[0] * self.grid[1]
         if state.num_tokens == L and not state.extras.get("reduced"):
             return None
         cached = state.extras.get("plainmamba_scan")
         if cached is None or cached[0] is not state.pos:
-            mixer = self.layers[0].mamba
-            scans = restricted_scans(state.pos, mixer.order_inverse, mixer.order_labels)
-            cached = (state.pos, scans)
+            cached = (state.pos, self.scan_context(state.pos))
             state.extras = {**state.extras, "plainmamba_scan": cached}  # a new dict: never edit a shared one
-        scans = cached[1]
+        ctx = cached[1]
         if not gap:
-            scans = [s._replace(gaps=None) for s in scans]
-        return {"pos": state.pos, "scans": scans}
+            ctx = {**ctx, "scans": [s._replace(gaps=None) for s in ctx["scans"]]}
+        return ctx
+
+    def scan_context(self, pos: torch.Tensor) -> ScanContext:
+        """What the blocks need to run on the tokens at raster positions pos (B, T): the four restricted
+        scans (with gaps), and flat indices to visit them / put them back / place them on the grid."""
+        mixer = self.layers[0].mamba
+        T = pos.shape[1]
+        scans = restricted_scans(pos, mixer.order_inverse, mixer.order_labels)
+        return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": scans,
+                "visit": [flat_index(s.perm, T) for s in scans], "unvisit": [flat_index(s.inverse, T) for s in scans]}
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()
@@ -333,13 +360,11 @@ class PlainMamba(TokenBackbone):
 
     def _run_block_masked(self, i: int, state: TokenState, want: bool):
         """Masking alignment: the block runs on the full grid with zero hidden states at pruned positions."""
-        pos = state.pos
-        B, T, D = state.x.shape
         L = self.grid[0] * self.grid[1]
-        full = state.x.new_zeros(B, L, D).scatter(1, pos.unsqueeze(-1).expand(-1, -1, D), state.x)
-        out, importance = self.layers[i](full, None, want_ssm_out=want)
-        out = out.gather(1, pos.unsqueeze(-1).expand(-1, -1, D))
-        return out, None if importance is None else importance.gather(1, pos)
+        index = flat_index(state.pos, L)
+        out, importance = self.layers[i](put(state.x, index, L), None, want_ssm_out=want)
+        out = take(out, index)
+        return out, None if importance is None else importance.gather(1, state.pos)
 
     def classify(self, state: TokenState) -> torch.Tensor:
         h = self.ln1(state.x)

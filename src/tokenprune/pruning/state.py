@@ -63,7 +63,7 @@ class TokenState:
         """
         if self.cls_index is None:
             return self, None
-        B, T = self.pos.shape
+        B, T = (int(s) for s in self.pos.shape)  # python ints also under jit tracing
         others = [i for i in range(T) if i != self.cls_index]
         middle = (T - 1) // 2
         order = others[:middle] + [self.cls_index] + others[middle:]

@@ -1,0 +1,99 @@
+"""tokenprune.bench: iteration counts, modes, keys, interleaving and that a model doing 2x the work is slower."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tokenprune.bench import compare_throughput, measure_throughput
+from tokenprune.bench.throughput import as_dtype
+
+REQUIRED = {"images_per_s", "ms_per_batch", "peak_mem_mb", "device", "dtype", "batch", "torch", "timm", "iters",
+            "warmup", "convention_ok"}
+
+
+class Counting(nn.Module):
+    """Counts forwards and records the mode they ran in; `log` (shared) records the order of calls."""
+
+    def __init__(self, name="m", log=None, width=16, repeats=1):
+        super().__init__()
+        self.name, self.log = name, log
+        self.lin = nn.Linear(width, width)
+        self.repeats = repeats
+        self.calls = 0
+        self.modes = set()
+
+    def forward(self, x):
+        self.calls += 1
+        self.modes.add((self.training, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")))
+        if self.log is not None:
+            self.log.append(self.name)
+        for _ in range(self.repeats):
+            x = torch.tanh(self.lin(x))
+        return x
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_measure_counts_modes_and_keys():
+    m = Counting()
+    m.train()
+    r = measure_throughput(m, input_size=(16,), batch_size=4, warmup=10, iters=30)
+    assert m.calls == 10 + 30
+    assert m.modes == {(False, True, False)}  # eval mode, inference_mode, no autocast
+    assert m.training  # the caller's mode is restored
+    assert REQUIRED <= set(r)
+    assert r["iters"] == 30 and r["warmup"] == 10 and r["batch"] == 4 and r["convention_ok"]
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["torch"] == torch.__version__
+    assert r["images_per_s"] > 0
+    assert r["images_per_s"] == pytest.approx(4 * 1000.0 / r["ms_per_batch"], rel=1e-9)
+    assert r["peak_mem_method"] == "ru_maxrss_delta" and r["peak_mem_mb"] >= 0
+
+
+def test_below_convention_warns():
+    with pytest.warns(UserWarning, match="convention"):
+        r = measure_throughput(Counting(), input_size=(16,), batch_size=2, warmup=1, iters=3)
+    assert not r["convention_ok"] and r["iters"] == 3
+
+
+def test_bf16_runs_under_autocast():
+    m = Counting()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = measure_throughput(m, input_size=(16,), batch_size=2, warmup=1, iters=2, dtype="bf16")
+    assert r["dtype"] == "bfloat16"
+    assert m.modes == {(False, True, True)}
+    with pytest.raises(ValueError, match="unknown dtype"):
+        as_dtype("int7")
+
+
+def test_compare_interleaves_and_double_work_is_slower(one_thread):
+    log = []
+    a = Counting("a", log, width=384, repeats=4)
+    b = Counting("b", log, width=384, repeats=8)  # the same layer applied twice as often: 2x the work
+    b.lin.load_state_dict(a.lin.state_dict())
+    out = compare_throughput({"a": a, "b": b}, input_size=(384,), batch_size=64, warmup=10, iters=30, rounds=5,
+                             reference="a")
+    assert a.calls == b.calls == 40
+    assert out["reference"] == "a" and out["rounds"] == 5
+    assert out["speedup"]["a"] == 1.0
+    assert out["speedup"]["b"] < 0.8, out["speedup"]  # ~0.5 expected
+    assert len(out["speedup_rounds"]["b"]) == 5 and all(s < 1.0 for s in out["speedup_rounds"]["b"])
+    # interleaving: after the warm-ups (10 a, 10 b), blocks of 6 alternate a b | b a | a b | b a | a b
+    timed = log[20:]
+    blocks = [timed[i] for i in range(0, 60, 6)]
+    assert blocks == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert all(len(set(timed[i:i + 6])) == 1 for i in range(0, 60, 6))
+    for name in ("a", "b"):
+        assert REQUIRED <= set(out["models"][name])
+
+
+def test_compare_rejects_unknown_reference():
+    with pytest.raises(ValueError, match="reference"):
+        compare_throughput({"a": Counting()}, input_size=(16,), batch_size=2, warmup=10, iters=30, reference="x")
