@@ -21,6 +21,8 @@ from tokenprune.evaluate import (BackboneEntry, DataConfig, EvalConfig, MethodEn
 from tokenprune.evaluate.grid import build_backbone, build_datamodule
 from tokenprune.models.proposal import build_proposal
 
+pytestmark = pytest.mark.filterwarnings("ignore:throughput with .* below the project")
+
 N_SAMPLES = 16  # 2 shards of 10 + 6, batch 8
 
 
@@ -214,6 +216,25 @@ def test_keep_budgets_and_skipped_methods(files, tmp_path):
                       backbones=[BackboneEntry("deit_test_patch4_32")], throughput=ThroughputConfig(enabled=False),
                       visualize=VisualizeConfig(enabled=False))
     assert [r["keep"] for r in run_grid(cfg)["rows"]] == [1.0, 0.5]
+
+
+def test_data_yaml_in_lightning_form(files, tmp_path):
+    path = tmp_path / "data.yaml"
+    path.write_text(f"""data:
+  class_path: tokenprune.data.ShardDataModule
+  init_args:
+    val_shards: {files['data']}
+    image_size: 32
+    resize_size: 32
+    num_workers: 0
+    batch_size: 64
+""")
+    dm = build_datamodule(DataConfig(config=str(path), num_workers=0), 8, 10, {"mean": [0.5, 0.5, 0.5]})
+    assert dm.val_shards == files["data"] and dm.image_size == 32 and dm.val_batch_size == 8
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.mixup_fn is None and dm.val_set.num_samples == N_SAMPLES
+    path.write_text(f"val_shards: {files['data']}\nimage_sise: 32\n")
+    with pytest.raises(ValueError, match="image_sise"):
+        build_datamodule(DataConfig(config=str(path)), 8, 10)
 
 
 def test_errors_come_from_create_model(files, tmp_path):

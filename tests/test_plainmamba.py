@@ -514,6 +514,18 @@ def test_method_matrix_on_plainmamba(method, keep, tiny, proposal, images):
 
 
 @pytest.mark.parametrize("method,match", [("evit", "needs a CLS token"), ("visionzip", "defined for")])
-def test_methods_that_need_a_cls_or_attention_fail_clearly(tiny, method, match):
+def test_methods_that_need_a_cls_or_attention_fail_clearly(method, match):
     with pytest.raises(ValueError, match=match):
-        tokenprune.create_model(tiny, method, keep=0.5)
+        tokenprune.create_model(TEST, method, keep=0.5)
+
+
+def test_presets_by_name_and_the_micro_variant():
+    model = tokenprune.create_model(TEST, "top", keep=0.5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert [t.tokens_out for t in model.token_trace] == [32, 16]
+    micro = tokenprune.create_model("plainmamba_micro_patch4_56", "hsa", keep=0.7).eval()
+    assert micro.backbone.grid == (14, 14) and micro.backbone.seq_len == 196
+    with torch.no_grad():
+        assert micro(torch.randn(1, 3, 56, 56)).shape == (1, 10)
+    assert [t.tokens_out for t in micro.token_trace] == [137, 96, 67]

@@ -75,16 +75,18 @@ def test_bf16_runs_under_autocast():
 
 def test_compare_interleaves_and_double_work_is_slower(one_thread):
     log = []
-    a = Counting("a", log, width=384, repeats=4)
-    b = Counting("b", log, width=384, repeats=8)  # the same layer applied twice as often: 2x the work
+    a = Counting("a", log, width=512, repeats=4)
+    b = Counting("b", log, width=512, repeats=8)  # the same layer applied twice as often: 2x the work
     b.lin.load_state_dict(a.lin.state_dict())
-    out = compare_throughput({"a": a, "b": b}, input_size=(384,), batch_size=64, warmup=10, iters=30, rounds=5,
+    out = compare_throughput({"a": a, "b": b}, input_size=(512,), batch_size=128, warmup=10, iters=30, rounds=5,
                              reference="a")
     assert a.calls == b.calls == 40
     assert out["reference"] == "a" and out["rounds"] == 5
     assert out["speedup"]["a"] == 1.0
-    assert out["speedup"]["b"] < 0.8, out["speedup"]  # ~0.5 expected
-    assert len(out["speedup_rounds"]["b"]) == 5 and all(s < 1.0 for s in out["speedup_rounds"]["b"])
+    # ~0.5 expected; on a loaded machine single rounds are noisy, the total and the median are not
+    assert out["speedup"]["b"] < 0.8, out["speedup"]
+    rounds = sorted(out["speedup_rounds"]["b"])
+    assert len(rounds) == 5 and rounds[2] < 0.8, rounds
     # interleaving: after the warm-ups (10 a, 10 b), blocks of 6 alternate a b | b a | a b | b a | a b
     timed = log[20:]
     blocks = [timed[i] for i in range(0, 60, 6)]

@@ -116,6 +116,8 @@ def count_flops(model: torch.nn.Module, input_size: Optional[Sequence[int]] = No
 
 def default_input_size(model: torch.nn.Module):
     for mod in model.modules():
+        if isinstance(getattr(mod, "input_size", None), (tuple, list)):
+            return tuple(mod.input_size)
         pe = getattr(mod, "patch_embed", None)
         if pe is not None and hasattr(pe, "img_size"):
             h, w = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)

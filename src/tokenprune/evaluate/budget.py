@@ -8,7 +8,7 @@ ratio (few decimals) inside the step whose reduction is closest to the target.
 * one-step methods (schedule "embed": PaPr, PaPr+SS, random, L2): keep = 1 - target exactly, the papers'
   convention ("40 % token reduction" = 60 % of the patches enter the encoder); the measured reduction, which
   also counts the CLS token, is reported beside it;
-* multi-stage methods (EViT, ToP/HSA, ToMe, PuMer, UTR, VisionZip): tokens summed over blocks within one
+* multi-stage methods (EViT, ToP/HSA, ToMe, PuMer, UTR, VisionZip): tokens summed over blocks within about one
   token per block of the target whenever the schedule can reach it (ToMe merges at most half the tokens per
   block; an unreachable target gives the closest reachable keep and a warning).
 
@@ -32,7 +32,7 @@ _BISECT_STEPS = 40
 
 
 def _backbone(backbone: Union[str, nn.Module]) -> nn.Module:
-    return as_backbone(backbone) if isinstance(backbone, str) else as_backbone(backbone)
+    return as_backbone(backbone)  # a name builds the model (random weights: only its structure is used)
 
 
 def is_one_step(backbone: nn.Module, method: str, layers=None) -> bool:
@@ -122,7 +122,7 @@ def _bisect_closest(f_value: Callable[[float], float], key_of: Callable[[float],
 
 
 def solve_keep(backbone: Union[str, nn.Module], method: str, target_reduction: float, *,
-               warn_tokens: float = 1.0, **method_options) -> float:
+               warn_tokens: float = 1.5, **method_options) -> float:
     """Per-stage keep ratio whose simulated token reduction is closest to `target_reduction`.
 
     backbone: a timm name or an already-built backbone module (cheapest: no weights are touched).

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import inspect
-import json
-import math
 import os
 import platform
 import re
@@ -373,6 +371,7 @@ def build_datamodule(data: DataConfig, batch_size: int, num_classes: int, overri
     if "std" in args:
         args["std"] = tuple(args["std"])
     dm = ShardDataModule(**args)
+    dm.set_distributed(0, 1)  # one process evaluates every sample (RANK/WORLD_SIZE of a launcher are ignored)
     dm.setup("validate")
     return dm
 
@@ -425,16 +424,13 @@ def _flops_fields(model: nn.Module) -> Dict[str, Any]:
 
 
 def _applicable(bb: nn.Module, method: str) -> bool:
-    from ..pruning.methods import METHODS
+    from ..pruning.methods import inapplicable_reason
 
-    if method not in METHODS:
-        return True  # create_model raises the clear error
-    family = "ssm" if bb.is_ssm else "vit"
-    return family in METHODS[method].families
+    return inapplicable_reason(method, bb) is None
 
 
 def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module], progress: bool):
-    from ..pruning.methods import METHODS, create_model
+    from ..pruning.methods import create_model, inapplicable_reason
     from .budget import solve_keep, solve_keep_for_flops
 
     variants = [Variant("unpruned", "Unpruned", None, None, None, None, 1.0, create_model(bb).eval())]
@@ -449,7 +445,7 @@ def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module
                 create_model(bb, entry.method, keep=0.5, proposal=proposal, **entry.options)  # raises
             if label not in [s["label"] for s in skipped]:
                 skipped.append({"label": label, "method": entry.method,
-                                "reason": f"defined for {list(METHODS[entry.method].families)} backbones only"})
+                                "reason": inapplicable_reason(entry.method, bb)})
             continue
         if labels.get(label, entry) is not entry:
             raise ValueError(f"two method entries have the same label {label!r}; give one a `name:`")
@@ -587,9 +583,9 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
     name = entry.name or entry.model
     torch.manual_seed(cfg.seed)
     bb = build_backbone(entry)
-    needs_proposal = any(_applicable(bb, m.method) and m.method in METHODS
-                         and (METHODS[m.method].evaluator or {}).get("ssm" if bb.is_ssm else "vit") == "papr"
-                         for m in cfg.methods)
+    family = "ssm" if bb.is_ssm else "vit"
+    needs_proposal = any(_applicable(bb, m.method) and m.method in METHODS and "papr" == m.options.get(
+        "evaluator", (METHODS[m.method].evaluator or {}).get(family)) for m in cfg.methods)
     proposal = build_proposal(cfg.proposal, cfg.proposal_checkpoint) if (needs_proposal and cfg.proposal) else None
     variants, skipped = _build_variants(bb, cfg, proposal, progress)
     input_size = _input_size(bb)

@@ -261,8 +261,11 @@ class TokenPruneCLI(LightningCLI):
         run_dir = cfg.get("run_dir") or cfg.trainer.get("default_root_dir") or os.path.join(
             "runs", default_run_name(cfg.model))
         cfg.run_dir = run_dir
-        if cfg.trainer.get("default_root_dir") is None:
-            cfg.trainer.default_root_dir = run_dir
+        root = cfg.trainer.get("default_root_dir")
+        if root is not None and os.path.abspath(root) != os.path.abspath(run_dir):
+            log.warning("trainer.default_root_dir=%s replaced by run_dir=%s (SLURM requeue checkpoints go there)",
+                        root, run_dir)
+        cfg.trainer.default_root_dir = run_dir
         for key in ("checkpoint", "last_checkpoint"):
             if cfg[key].get("dirpath") is None:
                 cfg[key].dirpath = os.path.join(run_dir, "checkpoints")

@@ -419,6 +419,9 @@ class PruningClassifier(L.LightningModule):
             self.log("train/task_loss", task, on_step=True, on_epoch=False, batch_size=bs)
             self.log("train/kd_loss", kd, on_step=True, on_epoch=False, batch_size=bs)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                     batch_size=bs)
         return loss
 
     def _eval_step(self, batch, top1, top5, mean_loss, prefix: str):

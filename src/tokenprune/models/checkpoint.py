@@ -33,14 +33,13 @@ def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict):
         raise CheckpointMismatchError(f"{path}: expected a dict of tensors or a dict holding one, got {type(ckpt)}")
-    keys = (EMA_KEYS if use_ema else ()) + NESTED_KEYS
-    for key in keys:
+    if use_ema and not any(isinstance(ckpt.get(k), dict) for k in EMA_KEYS):
+        raise CheckpointMismatchError(f"{path}: use_ema=True but the file has none of {EMA_KEYS} "
+                                      f"(top-level keys: {sorted(ckpt)[:20]})")
+    for key in (EMA_KEYS if use_ema else ()) + NESTED_KEYS:
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    else:
-        if use_ema:
-            raise CheckpointMismatchError(f"{path}: use_ema=True but the file has none of {EMA_KEYS}")
     tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointMismatchError(f"{path}: no tensors found (top-level keys: {sorted(ckpt)[:20]})")

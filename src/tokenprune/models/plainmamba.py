@@ -183,7 +183,10 @@ class PlainMamba2D(nn.Module):
         else:  # gap-aware decay: exp((1+g) delta A), input term delta B u unchanged
             scale = (1.0 + scan.gaps.float()).unsqueeze(1)  # (b, 1, T), per scan step
             delta = F.softplus(dt.float() + self.dt_proj.bias.float()[None, :, None]) * scale
-            y = selective_scan(u, delta, A, B_k.float() / scale, Cm, self.D.float(), z=None, delta_softplus=False)
+            B_k = B_k.float() / scale
+            # back to the input dtype: mamba-ssm's kernel wants delta and a variable B in u's dtype (bf16 AMP)
+            y = selective_scan(u, delta.to(u.dtype), A, B_k.to(Bm.dtype), Cm, self.D.float(), z=None,
+                               delta_softplus=False)
         y = y.transpose(1, 2)  # (b, T, E) in scan-step order
         if scan is None:
             return y.index_select(1, self.order_inverse[k])
@@ -258,7 +261,7 @@ class PlainMamba(TokenBackbone):
                  embed_dim: int = 192, depth: int = 24, num_convs_patch_embed: int = 1,
                  layers_with_dwconv: Sequence[int] = (), d_state: int = 16, expand: int = 2, conv_size: int = 7,
                  stem_chs: int = 64, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 final_norm_eps: float = 1e-6, **_ignored):
+                 final_norm_eps: float = 1e-6):
         super().__init__()
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
         self.num_features = embed_dim

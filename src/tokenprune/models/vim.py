@@ -41,8 +41,9 @@ def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 def _gap_scaled(delta: torch.Tensor, Bm: torch.Tensor, bias: torch.Tensor, gap: torch.Tensor):
     """Gap-aware decay with a standard kernel: Δ' = (1+g)·softplus(Δ+b), B' = B/(1+g) keeps Δ'B' = ΔB."""
     scale = (1.0 + gap.float()).unsqueeze(1)  # (b, 1, L)
-    delta = F.softplus(delta.float() + bias.float()[None, :, None]) * scale
-    return delta, Bm.float() / scale
+    delta_scaled = F.softplus(delta.float() + bias.float()[None, :, None]) * scale
+    # back to the input dtype: mamba-ssm's kernel wants delta/B in u's dtype under mixed precision
+    return delta_scaled.to(delta.dtype), (Bm.float() / scale).to(Bm.dtype)
 
 
 class DirectionScope(nn.Module):

@@ -47,7 +47,7 @@ def vim_base_patch16_224(pretrained=False, **kwargs):
 @register_model
 def vim_micro_patch4_56(pretrained=False, **kwargs):
     """CPU-sized ViM for the built-in 56x56 data (14x14 grid like ImageNet): same block and middle CLS."""
-    return _vim(dict(img_size=56, patch_size=4, embed_dim=96, depth=8, num_classes=10), pretrained=pretrained,
+    return _vim(dict(img_size=56, patch_size=4, embed_dim=64, depth=8, num_classes=10), pretrained=pretrained,
                 **kwargs)
 
 

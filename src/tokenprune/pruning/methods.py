@@ -25,6 +25,7 @@ class MethodSpec:
     count_rule: str = "round"
     metric: Dict[str, str] = field(default_factory=dict)  # merge similarity signal per family
     families: Sequence[str] = ("vit", "ssm")
+    needs_cls: bool = False  # EViT appends a fused token beside a CLS that reads out the class
     doc: str = ""
 
 
@@ -32,7 +33,7 @@ ATTN_OR_CLS = {"vit": "cls_attn", "ssm": "cls_similarity"}
 METHODS: Dict[str, MethodSpec] = {
     "random": MethodSpec({"vit": "random", "ssm": "random"}, "prune", "embed", doc="random patches, one step"),
     "l2": MethodSpec({"vit": "l2", "ssm": "l2"}, "prune", "embed", doc="L2 norm of patch embeddings, one step"),
-    "evit": MethodSpec(ATTN_OR_CLS, "evit", "thirds", count_rule="ceil",
+    "evit": MethodSpec(ATTN_OR_CLS, "evit", "thirds", count_rule="ceil", needs_cls=True,
                        doc="EViT: keep by CLS attention (CLS similarity on SSMs), fuse the rest into one token"),
     "tome": MethodSpec(None, "tome", "every", metric={"vit": "keys", "ssm": "hidden"},
                        doc="ToMe bipartite merging with proportional attention"),
@@ -58,6 +59,20 @@ def list_methods() -> List[str]:
     return sorted(METHODS)
 
 
+def inapplicable_reason(method: str, backbone: nn.Module) -> Optional[str]:
+    """Why a preset cannot run on a backbone (None when it can); unknown names are create_model's error."""
+    spec = METHODS.get(method)
+    if spec is None:
+        return None
+    family = "ssm" if backbone.is_ssm else "vit"
+    if family not in spec.families:
+        return (f"method {method!r} is defined for {list(spec.families)} backbones, not "
+                f"{type(backbone).__name__} ({family}): {spec.doc}")
+    if spec.needs_cls and not backbone.has_cls:
+        return f"method {method!r} needs a CLS token; {type(backbone).__name__} has none"
+    return None
+
+
 def resolve_schedule(schedule: Union[str, Sequence[int]], depth: int, reduction_point: str) -> List[int]:
     """Block indices (0-based, -1 = before the encoder) for a named schedule at this depth.
 
@@ -81,7 +96,7 @@ def resolve_schedule(schedule: Union[str, Sequence[int]], depth: int, reduction_
     raise ValueError(f"unknown schedule {schedule!r}; expected embed, thirds, quarter, every or a list of ints")
 
 
-def as_backbone(backbone: Union[str, nn.Module], **model_kwargs) -> nn.Module:
+def as_backbone(backbone: Union[str, nn.Module], allow_plain: bool = False, **model_kwargs) -> nn.Module:
     """A TokenBackbone from a timm name or module (timm ViTs are wrapped)."""
     from ..models.base import TokenBackbone  # models import pruning.state: import them lazily
     from ..models.vit import TimmViT
@@ -96,7 +111,24 @@ def as_backbone(backbone: Union[str, nn.Module], **model_kwargs) -> nn.Module:
         return backbone
     if isinstance(backbone, nn.Module) and type(backbone).__name__ == "VisionTransformer":
         return TimmViT(backbone)
-    raise TypeError(f"{type(backbone).__name__} has no token interface (ViM, PlainMamba or a timm ViT expected)")
+    if isinstance(backbone, nn.Module) and not allow_plain:
+            raise TypeError(f"{type(backbone).__name__} has no token interface (ViM, PlainMamba or a timm ViT "
+                        "expected); only method=None can run it")
+    return PlainClassifier(backbone)
+
+
+class PlainClassifier(nn.Module):
+    """A classifier without token interface (e.g. the PaPr proposal ConvNet), run as is: no reduction."""
+
+    is_ssm, has_cls, num_layers, num_protected, seq_len, reduction_point = False, False, 0, 0, 1, "post"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward_tokens(self, images, hooks=None, before=None):
+        return self.model(images)
 
 
 def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, keep: float = 1.0, *,
@@ -110,7 +142,7 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
     keep is the fraction of non-protected tokens each stage keeps (EViT rounds up, others to nearest).
     keep=1.0, or method=None, gives the unpruned backbone exactly (no stage is built).
     """
-    bb = as_backbone(backbone, **(model_kwargs or {}))
+    bb = as_backbone(backbone, allow_plain=method is None, **(model_kwargs or {}))
     if method is None or keep == 1.0:
         if method is not None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list_methods()}")
@@ -119,11 +151,11 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
         return PrunedModel(bb, [], method=method)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list_methods()}")
+    reason = inapplicable_reason(method, bb)
+    if reason:
+        raise ValueError(reason)
     spec = METHODS[method]
     family = "ssm" if bb.is_ssm else "vit"
-    if family not in spec.families:
-        raise ValueError(f"method {method!r} is defined for {list(spec.families)} backbones, not "
-                         f"{type(bb).__name__} ({family}): {spec.doc}")
     spec = replace(spec, smoothing=spec.smoothing if smoothing is None else smoothing,
                    alignment=spec.alignment if alignment == "default" else alignment,
                    reducer=reducer or spec.reducer)

@@ -62,8 +62,8 @@ class ReductionStage(nn.Module):
         """Token count after this stage, without running it (for budget solving and tests)."""
         n_free = n_tokens - n_protected
         kept = self.target(n_free)
-        if self.reducer_name == "tome":  # ToMe merges at most the set A (even tokens) minus protected ones
-            kept = max(kept, n_free - ((n_tokens + 1) // 2 - n_protected))
+        if self.reducer_name == "tome":  # ToMe merges at most |A| - protected and at most half the free tokens
+            kept = max(kept, n_free - min((n_tokens + 1) // 2 - n_protected, n_free // 2))
         return n_protected + kept + (1 if self.reducer_name == "evit" else 0)
 
     def forward(self, state: TokenState, signals: Dict[str, torch.Tensor]) -> TokenState:
@@ -141,4 +141,6 @@ class PrunedModel(nn.Module):
     def token_reduction(self) -> float:
         """1 - (tokens summed over blocks) / (unpruned tokens summed over blocks)."""
         counts = self.tokens_per_block()
+        if not counts:  # a plain classifier has no token blocks
+            return 0.0
         return 1.0 - sum(counts) / (self.backbone.seq_len * len(counts))

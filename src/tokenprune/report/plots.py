@@ -57,7 +57,7 @@ def plot_accuracy_vs_gflops(rows: List[Dict[str, Any]], path: str, title: Option
             ax.plot(base["gflops"], base["top1"], "*", color="black", ms=16, mec="white", mew=0.8, zorder=5)
             ax.axhline(base["top1"], color="black", lw=0.8, ls=":", alpha=0.6)
             ax.annotate(f"unpruned {base['top1']:.1f}", (base["gflops"], base["top1"]), textcoords="offset points",
-                        xytext=(-8, -14), ha="right", fontsize=8.5)
+                        xytext=(-10, 4), ha="right", va="bottom", fontsize=8.5)
         ax.set_title(bb, fontsize=12)
         ax.set_xlabel("GFLOPs (fvcore, all ops, batch 1)", fontsize=10)
         ax.set_ylabel("Top-1 (%)", fontsize=10)
