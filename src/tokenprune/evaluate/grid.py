@@ -688,7 +688,14 @@ def run_grid(cfg: EvalConfig, config_text: Optional[str] = None, command: Option
     return result
 
 
+DEFAULT_CONFIG = os.path.join("configs", "eval", "digits_micro.yaml")
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args and os.path.isfile(DEFAULT_CONFIG):  # `python eval.py` alone runs the built-in default
+        print(f"no arguments: running the built-in default grid {DEFAULT_CONFIG}")
+        argv = ["--config", DEFAULT_CONFIG]
     cfg, text = parse_config(argv)
     command = " ".join(["python eval.py", *(sys.argv[1:] if argv is None else argv)])
     result = run_grid(cfg, config_text=text, command=command)

@@ -62,7 +62,8 @@ class FlopsCallback(Callback):
 
     Args:
         enabled: turn the callback off.
-        strict: raise on an op without a FLOP handle (else: warn and log the partial count).
+        strict: an op without a FLOP handle stops the count (a warning names the op; nothing is logged);
+            with False the partial count is logged.
         input_size: (C, H, W) of one image; default from the backbone's patch embedding.
     """
 
@@ -222,7 +223,8 @@ class RequeueAtStepBoundary(Callback):
     requeue_signal=SIGUSR1)``) saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue`` *inside the signal
     handler*, i.e. at any point of a training step (between the optimizer's parameter updates, or with ranks
     at different steps). This callback keeps Lightning's handler but defers it: the signal only sets a flag;
-    at the end of the next training batch (every ``check_every_n_steps``) the flag is combined over ranks
+    at the end of the next optimizer step (every ``check_every_n_steps``; never inside a gradient
+    accumulation, whose partial gradients a checkpoint does not hold) the flag is combined over ranks
     (one all-reduce) and, if any rank got the signal, every rank calls Lightning's handler at the same step
     boundary, then the fit stops. A signal that arrives during validation is handled after the next
     training batch. Inert unless the cluster environment is SLURM with auto-requeue.
@@ -234,6 +236,7 @@ class RequeueAtStepBoundary(Callback):
         self._signal: Optional[int] = None
         self._lightning_handler = None
         self._pending = False
+        self._last_step: Optional[int] = None
         self.handled_at_step: Optional[int] = None
 
     def _env(self, trainer) -> Optional[SLURMEnvironment]:
@@ -250,6 +253,7 @@ class RequeueAtStepBoundary(Callback):
             log.warning("requeue guard: no handler for %s is installed; Lightning's auto-requeue is off", sig)
             return
         self._signal, self._lightning_handler = sig, handler
+        self._last_step = trainer.global_step
         signal.signal(sig, self._defer)
         log.info("requeue guard: %s is handled at the next training-step boundary", signal.Signals(sig).name)
 
@@ -257,7 +261,12 @@ class RequeueAtStepBoundary(Callback):
         self._pending = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._lightning_handler is None or trainer.global_step % self.check_every_n_steps:
+        if self._lightning_handler is None:
+            return
+        step = trainer.global_step
+        stepped = step != self._last_step  # an optimizer step ended this batch (not mid-accumulation)
+        self._last_step = step
+        if not stepped or step % self.check_every_n_steps:
             return
         flag = torch.tensor(1.0 if self._pending else 0.0, device=pl_module.device)
         if trainer.world_size > 1:

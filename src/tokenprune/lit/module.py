@@ -12,8 +12,8 @@
 * mixup / loss from the data module (``mixup_fn``, ``train_loss_fn()``) when it has them;
 * top-1 / top-5 with torchmetrics (synchronised over ranks: each sample counted once), validation loss as a
   sample-weighted mean;
-* the random generators of the training step (drop-path, mixup, random evaluators) are re-seeded every step
-  from (seed, global step, rank), so a resumed run draws exactly what an uninterrupted one draws.
+* the random generators of the training step (drop-path, mixup, random evaluators) are re-seeded every batch
+  from (seed, epoch, batch index, rank), so a resumed run draws exactly what an uninterrupted one draws.
 """
 from __future__ import annotations
 
@@ -147,16 +147,15 @@ class WarmupCosine:
 
 
 # ---------------------------------------------------------------------------------------------- seeding
-def step_seeds(seed: int, step: int, rank: int) -> List[int]:
-    """Three 63-bit seeds (torch, numpy, python) derived from (seed, step, rank)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF, int(step) >> 32,
-                                 int(rank) & 0xFFFFFFFF, 0x7E57])
+def step_seeds(seed: int, epoch: int, batch_idx: int, rank: int) -> List[int]:
+    """Three 63-bit seeds (torch, numpy, python) derived from (seed, epoch, batch index, rank)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(batch_idx), int(rank), 0x7E57])
     return [int(v) & 0x7FFFFFFFFFFFFFFF for v in ss.generate_state(3, dtype=np.uint64)]
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed torch (all devices), numpy's and python's global generators for one training step."""
-    s_torch, s_np, s_py = step_seeds(seed, step, rank)
+def seed_step(seed: int, epoch: int, batch_idx: int, rank: int) -> None:
+    """Seed torch (all devices), numpy's and python's global generators for one training batch."""
+    s_torch, s_np, s_py = step_seeds(seed, epoch, batch_idx, rank)
     torch.manual_seed(s_torch)
     np.random.seed(s_np & 0xFFFFFFFF)
     random.seed(s_py)
@@ -394,7 +393,7 @@ class PruningClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch, batch_idx):
-        seed_step(self.base_seed or 0, self.global_step, self.global_rank)
+        seed_step(self.base_seed or 0, self.current_epoch, batch_idx, self.global_rank)
 
     def distill_loss(self, student: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
