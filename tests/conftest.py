@@ -6,6 +6,15 @@ import torch
 os.environ.setdefault("TOKENPRUNE_SCAN", "cpu")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -312,8 +312,12 @@ class SkippedSampleMonitor(Callback):
     ``data/<split>_samples`` (delivered), summed over ranks, this epoch only; warns on
     rank 0 with the per-reason breakdown when anything was skipped, and after a full validation/test pass
     (``limit_*_batches`` of 1.0, not the sanity check) warns when the number of scored samples differs from
-    the known size of the split. Counts are taken between epoch start and epoch end; during training they
-    are a snapshot, as (persistent) workers prefetch across the epoch boundary.
+    the known size of the split. Each epoch's counts are the change since the previous report of the same
+    split (or since ``setup`` for the first one): the baseline is *not* taken at epoch start, because by
+    then Lightning has already created the loader iterator and its workers (or the prefetching fetcher)
+    have delivered the first batches. During training the counts are a snapshot, as (persistent) workers
+    prefetch across the epoch boundary. Metrics are logged from rank 0 only (``rank_zero_only=True``);
+    they are already summed over ranks.
     """
 
     def __init__(self, log_metrics: bool = True):
@@ -322,29 +326,30 @@ class SkippedSampleMonitor(Callback):
         #: counts of the last finished epoch of each split, summed over ranks
         self.last_counts: dict[str, dict[str, int]] = {}
 
-    def _start(self, trainer: L.Trainer, split: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Baselines of every split, before any loader of this run is iterated."""
+        self._base = {}
         dm = trainer.datamodule
         if isinstance(dm, ShardDataModule):
-            self._base[split] = dm.counter(split).vector()
-
-    def _delta(self, dm: ShardDataModule, split: str) -> torch.Tensor:
-        now = dm.counter(split).vector()
-        return now - self._base.get(split, torch.zeros_like(now))
+            for split in ("train",) + EVAL_SPLITS:
+                self._base[split] = dm.counter(split).vector()
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, expected_full: bool) -> None:
         dm = trainer.datamodule
         if not isinstance(dm, ShardDataModule):
             return
-        delta = self._delta(dm, split)
+        now = dm.counter(split).vector()
+        delta = now - self._base.get(split, torch.zeros_like(now))
+        self._base[split] = now  # the next epoch of this split counts from here
         if trainer.world_size > 1:
             delta = trainer.strategy.reduce(delta.to(pl_module.device), reduce_op="sum").cpu()
         counts = dict(zip(COLUMNS, (int(v) for v in delta.tolist())))
         skipped = sum(counts[r] for r in SAMPLE_SKIP_REASONS)
         self.last_counts[split] = counts | {"skipped": skipped}
         if self.log_metrics and split != "predict" and not trainer.sanity_checking:
-            pl_module.log(f"data/{split}_skipped", float(skipped), sync_dist=False)
-            pl_module.log(f"data/{split}_read_errors", float(counts["read_error"]), sync_dist=False)
-            pl_module.log(f"data/{split}_samples", float(counts["ok"]), sync_dist=False)
+            pl_module.log(f"data/{split}_skipped", float(skipped), rank_zero_only=True)
+            pl_module.log(f"data/{split}_read_errors", float(counts["read_error"]), rank_zero_only=True)
+            pl_module.log(f"data/{split}_samples", float(counts["ok"]), rank_zero_only=True)
         if trainer.is_global_zero:
             if skipped or counts["read_error"]:
                 reasons = {r: counts[r] for r in SKIP_REASONS if counts[r]}
@@ -358,18 +363,6 @@ class SkippedSampleMonitor(Callback):
     @staticmethod
     def _full(limit: Any) -> bool:
         return isinstance(limit, float) and limit == 1.0
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._start(trainer, "train")
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        self._start(trainer, "validation")
-
-    def on_test_epoch_start(self, trainer, pl_module):
-        self._start(trainer, "test")
-
-    def on_predict_epoch_start(self, trainer, pl_module):
-        self._start(trainer, "predict")
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._report(trainer, pl_module, "train", expected_full=False)
