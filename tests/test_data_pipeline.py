@@ -134,9 +134,18 @@ def test_train_same_batches_on_every_rank(tmp_path, num_workers):
                 n += 1
             got.append(n)
             assert dm.sample_counts("train")["ok"] == 4 * expected
+            # fixed epoch length: a second epoch (persistent workers) has the same length
+            assert sum(1 for _ in loader) == expected
+            _shutdown(loader)
         assert got == [expected] * world, (world, got)
-    # fixed epoch length: a second epoch has the same length
-    assert sum(1 for _ in loader) == expected
+
+
+def _shutdown(loader):
+    """Stop persistent workers now (left to the garbage collector they cost a 5 s join timeout each)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
 
 
 def test_train_dataset_worker_quota_sums_to_epoch():

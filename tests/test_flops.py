@@ -78,3 +78,21 @@ def test_proposal_network_is_counted():
     report = count_flops(model)
     alone = count_flops(proposal, input_size=(3, 32, 32)).total - 64 * 10  # minus its classifier head
     assert report.by_module["stages.0.evaluator.proposal"] == alone > 0
+
+
+@pytest.mark.parametrize("with_d,with_z,with_bias", [(False, False, True), (True, False, False),
+                                                     (False, True, True), (True, True, True)])
+def test_scan_handle_counts_the_d_term_only_when_d_is_given(with_d, with_z, with_bias):
+    from tokenprune.ssm import selective_scan
+
+    b, E, N, L = 1, 6, 3, 5
+
+    class Scan(torch.nn.Module):
+        def forward(self, x):
+            u = x.reshape(b, E, L)
+            return selective_scan(u, u, -torch.ones(E, N), torch.ones(b, N, L), torch.ones(b, N, L),
+                                  D=torch.ones(E) if with_d else None, z=u if with_z else None,
+                                  delta_bias=torch.ones(E) if with_bias else None, delta_softplus=True)
+
+    report = count_flops(Scan(), images=torch.randn(1, E * L))
+    assert report.by_operator["PythonOp.SelectiveScan"] == 9 * L * E * N + (L * E if with_d else 0)

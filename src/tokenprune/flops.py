@@ -33,12 +33,14 @@ FREE_OPS = {
 
 
 def scan_flop_handle(inputs, outputs):
-    """SelectiveScan(u, delta, A, B, C, D, ...) -> batch · (9·L·E·N + L·E if D)."""
+    """SelectiveScan(u, delta, A, B, C, [D], [z], [delta_bias]) -> batch · (9·L·E·N + L·E if D).
+
+    fvcore passes only the tensor inputs; D is the only 1-D one (delta_bias is given as (E, 1))."""
     shapes = [get_shape(v) for v in inputs]
     u, A = shapes[0], shapes[2]
     b, e, length = u
     n = A[1]
-    has_d = len(shapes) > 5 and shapes[5] is not None and len(shapes[5]) == 1
+    has_d = any(s is not None and len(s) == 1 for s in shapes[5:])
     return b * (9 * length * e * n + (length * e if has_d else 0))
 
 

@@ -157,6 +157,10 @@ class SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+        # delta_bias arrives as (E, 1) so the FLOP handle, which sees only the tensor inputs, can tell it
+        # from D (E,) when some optional inputs are None
+        ctx.bias_shape = None if delta_bias is None else delta_bias.shape
+        delta_bias = None if delta_bias is None else delta_bias.reshape(-1)
         ctx.impl, ctx.softplus = impl, bool(delta_softplus)
         args = (u, delta, A, B, C, D, z, delta_bias)
         with _quiet_trace():
@@ -177,6 +181,9 @@ class SelectiveScan(torch.autograd.Function):
             grads = cpu_scan_backward(gout, *args, delta_softplus=ctx.softplus)
             grads = [None if g is None or not need else g.to(device=x.device, dtype=x.dtype)
                      for g, x, need in zip(grads, args, ctx.needs_input_grad)]
+        grads = list(grads)
+        if grads[7] is not None:
+            grads[7] = grads[7].reshape(ctx.bias_shape)  # the (E, 1) the op was given
         return (*grads, None, None)
 
 
@@ -213,7 +220,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     _record(name)
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
+    bias_2d = None if delta_bias is None else delta_bias.unsqueeze(-1)
+    return SelectiveScan.apply(u, delta, A, B, C, D, z, bias_2d, bool(delta_softplus), name)
 
 
 def scan_flops(L, E, N, with_D):
