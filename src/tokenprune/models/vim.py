@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from torch import nn
 
+from ..pruning import ops
 from ..pruning.state import TokenState, initial_state
 from ..ssm import selective_scan
 from .base import TokenBackbone
@@ -40,10 +41,10 @@ def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 
 def _gap_scaled(delta: torch.Tensor, Bm: torch.Tensor, bias: torch.Tensor, gap: torch.Tensor):
     """Gap-aware decay with a standard kernel: Δ' = (1+g)·softplus(Δ+b), B' = B/(1+g) keeps Δ'B' = ΔB."""
-    scale = (1.0 + gap.float()).unsqueeze(1)  # (b, 1, L)
-    delta_scaled = F.softplus(delta.float() + bias.float()[None, :, None]) * scale
-    # back to the input dtype: mamba-ssm's kernel wants delta/B in u's dtype under mixed precision
-    return delta_scaled.to(delta.dtype), (Bm.float() / scale).to(Bm.dtype)
+    # softplus first: the rescaling is exact only after it; results stay in the inputs' dtypes, which
+    # mamba-ssm's kernel wants under mixed precision
+    delta = F.softplus(delta.float() + bias.float()[None, :, None]).to(delta.dtype)
+    return ops.gap_scaled_delta_B(delta, Bm, gap)
 
 
 class DirectionScope(nn.Module):
@@ -193,24 +194,18 @@ class VisionMamba(TokenBackbone):
 
     def _run_block_masked(self, i, state, hook, needs):
         """Masking alignment: pruned positions stay in the scan with zero input (exact decay, no speed-up)."""
-        full_len = state.seq_len
-        idx = state.pos.clamp(min=0)
+        pos = state.pos
 
         def scatter(t):
-            if t is None:
-                return None
-            full = t.new_zeros(t.shape[0], full_len, t.shape[-1])
-            return full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t)
+            return None if t is None else ops.scatter_to_sequence(t, pos, state.seq_len)
 
         out, residual, importance = self.layers[i](scatter(state.x), scatter(state.residual),
                                                    want_ssm_out="ssm_out" in needs)
-        take = idx.unsqueeze(-1)
-        out = out.gather(1, take.expand(-1, -1, out.shape[-1]))
-        residual = residual.gather(1, take.expand(-1, -1, residual.shape[-1]))
+        out, residual = ops.gather_from_sequence(out, pos), ops.gather_from_sequence(residual, pos)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
             return state
-        signals = {"hidden": out, "ssm_out": None if importance is None else importance.gather(1, idx)}
+        signals = {"hidden": out, "ssm_out": None if importance is None else importance.gather(1, pos)}
         return hook(state, signals)
 
     def classify(self, state: TokenState) -> torch.Tensor:

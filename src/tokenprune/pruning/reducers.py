@@ -111,28 +111,12 @@ def restore_scan_order(state: TokenState) -> TokenState:
     return state
 
 
-def scan_gaps_monotone(pos: torch.Tensor, seq_len: int):
-    """Pruned positions before each token in forward and backward scan order.
-
-    Tokens out of monotone order (the re-placed CLS, fused extras with pos -1) get gap 0 and do not reset
-    the count, so neighbours see the gap to the last *ordered* token: cummax / cummin do that in one pass.
-    """
-    p = pos.float()
-    prev = torch.cat([p.new_full((p.shape[0], 1), -1.0), p[:, :-1]], 1).cummax(dim=1).values
-    nxt = torch.cat([p[:, 1:], p.new_full((p.shape[0], 1), float(seq_len))], 1)
-    nxt = torch.where(nxt < 0, torch.full_like(nxt, float(seq_len)), nxt).flip(1).cummin(dim=1).values.flip(1)
-    gap_f = (p - prev - 1).clamp(min=0)
-    gap_b = (nxt - p - 1).clamp(min=0)
-    invalid = pos < 0
-    return gap_f.masked_fill(invalid, 0), gap_b.masked_fill(invalid, 0)
-
-
 def set_alignment(state: TokenState, mode: Optional[str]) -> TokenState:
     """Record the hidden-state alignment the following SSM blocks apply (None, 'mask' or 'gap')."""
     extras = dict(state.extras)
     extras["align"] = mode
     if mode == "gap":
-        extras["gaps"] = scan_gaps_monotone(state.pos, state.seq_len)
+        extras["gaps"] = ops.scan_gaps_unordered(state.pos, state.seq_len)
     return state.with_tokens(extras=extras)
 
 

@@ -4,7 +4,7 @@ All functions are batched with the same token count in every row. Index tensors 
 must be preserved, indices are ascending. Invalid arguments raise ValueError naming the value.
 """
 from .alignment import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order, scan_gaps,
-                        scatter_to_sequence)
+                        scan_gaps_unordered, scatter_to_sequence)
 from .evit import evit_fuse, evit_reduce, evit_select
 from .grid import gather_from_grid, scatter_to_grid
 from .pumer import pumer_reduce
@@ -24,6 +24,6 @@ __all__ = [
     "visionzip_reduce",
     "utr_reduce", "merge_into",
     "pumer_reduce",
-    "scan_gaps", "gap_scale", "gap_scaled_delta_B", "scatter_to_sequence", "gather_from_sequence",
+    "scan_gaps", "scan_gaps_unordered", "gap_scale", "gap_scaled_delta_B", "scatter_to_sequence", "gather_from_sequence",
     "restricted_order",
 ]

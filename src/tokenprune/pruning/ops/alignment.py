@@ -48,6 +48,23 @@ def scan_gaps(pos: torch.Tensor, seq_len: int) -> Tuple[torch.Tensor, torch.Tens
     return torch.cat([first, inner], dim=1), torch.cat([inner, last], dim=1)
 
 
+def scan_gaps_unordered(pos: torch.Tensor, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``scan_gaps`` for sequences with tokens out of monotone order (ViM's re-placed middle CLS, fused
+    extra tokens with pos -1): such tokens get gap 0 and do not reset the count, so their neighbours see
+    the gap to the last *ordered* token (cummax forwards, cummin backwards). Equals ``scan_gaps`` when pos
+    is strictly increasing. Returns float (B, T) tensors.
+    """
+    p = pos.float()
+    B = int(p.shape[0])
+    prev = torch.cat([p.new_full((B, 1), -1.0), p[:, :-1]], 1).cummax(dim=1).values
+    nxt = torch.cat([p[:, 1:], p.new_full((B, 1), float(seq_len))], 1)
+    nxt = torch.where(nxt < 0, torch.full_like(nxt, float(seq_len)), nxt).flip(1).cummin(dim=1).values.flip(1)
+    invalid = pos < 0
+    gap_f = (p - prev - 1).clamp(min=0).masked_fill(invalid, 0)
+    gap_b = (nxt - p - 1).clamp(min=0).masked_fill(invalid, 0)
+    return gap_f, gap_b
+
+
 def gap_scale(gap: torch.Tensor) -> torch.Tensor:
     """(1 + gap) as float32: how many original steps the decay of a kept token spans."""
     return (1 + gap).float()
