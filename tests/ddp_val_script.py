@@ -30,8 +30,9 @@ def main(spec_path: str, out_path: str) -> None:
         spec = json.load(f)
 
     class IdModule(L.LightningModule):
-        def __init__(self, num_classes: int):
+        def __init__(self, num_classes: int, log_step_loss: bool = True):
             super().__init__()
+            self.log_step_loss = log_step_loss
             self.num_classes = num_classes
             self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
             self.ids: list[int] = []
@@ -50,8 +51,9 @@ def main(spec_path: str, out_path: str) -> None:
             self.batches += 1
             self.acc.update(logits, y)
             self.log("val_acc", self.acc, on_epoch=True)
-            self.log("val_loss", torch.nn.functional.cross_entropy(logits, y), sync_dist=True,
-                     batch_size=len(y))
+            if self.log_step_loss:
+                self.log("val_loss", torch.nn.functional.cross_entropy(logits, y), sync_dist=True,
+                         batch_size=len(y))
 
     trainer = L.Trainer(accelerator="cpu", devices=spec.get("devices", 2), strategy="ddp",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -62,7 +64,7 @@ def main(spec_path: str, out_path: str) -> None:
                              resize_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                              batch_size=case["batch_size"], num_workers=case["num_workers"],
                              mixup=0.0, cutmix=0.0)
-        model = IdModule(case["num_classes"])
+        model = IdModule(case["num_classes"], case.get("log_step_loss", True))
         metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
         per_rank: list = [None] * trainer.world_size
         dist.all_gather_object(per_rank, {"rank": trainer.global_rank, "ids": model.ids, "batches": model.batches,

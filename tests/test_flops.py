@@ -96,3 +96,12 @@ def test_scan_handle_counts_the_d_term_only_when_d_is_given(with_d, with_z, with
 
     report = count_flops(Scan(), images=torch.randn(1, E * L))
     assert report.by_operator["PythonOp.SelectiveScan"] == 9 * L * E * N + (L * E if with_d else 0)
+
+
+def test_matmul_with_a_plain_matrix_counts_every_batch_element():
+    class WX(torch.nn.Module):
+        def forward(self, x):
+            return torch.matmul(torch.ones(4, 6), x.reshape(3, 6, 5))  # (4, 6) @ (3, 6, 5) -> (3, 4, 5)
+
+    report = count_flops(WX(), images=torch.randn(1, 90))
+    assert report.total == 3 * 4 * 5 * 6

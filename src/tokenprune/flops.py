@@ -50,6 +50,12 @@ def sdpa_flop_handle(inputs, outputs):
     return 2 * batch * q[-2] * k[-2] * q[-1]  # q @ k^T and attn @ v
 
 
+def matmul_flop_handle(inputs, outputs):
+    """Batched matmul with broadcasting: output elements × contraction length (fvcore's own handle drops
+    the batch of the second operand when the first is a plain matrix, as in W @ x)."""
+    return math.prod(get_shape(outputs[0])) * get_shape(inputs[0])[-1]
+
+
 def bicubic_flop_handle(inputs, outputs):
     return 16 * math.prod(get_shape(outputs[0]))  # 4x4 taps per output element
 
@@ -58,6 +64,7 @@ HANDLES = {
     "prim::PythonOp.SelectiveScan": scan_flop_handle,
     "aten::scaled_dot_product_attention": sdpa_flop_handle,
     "aten::upsample_bicubic2d": bicubic_flop_handle,
+    "aten::matmul": matmul_flop_handle,
 }
 
 

@@ -292,7 +292,13 @@ class ShardDataModule(L.LightningDataModule):
                               world_size=world, num_classes=self.num_classes, counter=self.counter(split),
                               what=split, shard_lengths=shards.shard_lengths)
         if shards.num_samples is not None and shards.num_samples < world:
-            log.warning("%s: %d samples for %d ranks: some ranks get no sample", split, shards.num_samples, world)
+            # a rank without a batch never registers the logged metrics and Lightning's epoch-end sync hangs
+            raise ValueError(f"{split}: the split has {shards.num_samples} samples for {world} ranks; every rank "
+                             "needs at least one (a rank with no batch hangs the metric sync): use fewer devices")
+        if shards.num_samples is None and len(shards.urls) < world:
+            log.warning("%s: %d shards for %d ranks and an unknown sample count: make sure there are at least "
+                        "%d samples, or a rank with no batch will hang the metric sync", split, len(shards.urls),
+                        world, world)
         return self._loader(ds, rank)
 
     def val_dataloader(self) -> DataLoader:

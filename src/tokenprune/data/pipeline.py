@@ -17,26 +17,34 @@ Evaluation (:class:`EvalShardDataset`)
     belongs to exactly one (rank, worker):
 
     * ranks: with at least as many shards as ranks, shard s goes to rank ``s % world_size``; with
-      fewer shards than ranks every rank reads every shard and keeps sample i of shard s when
-      ``(s + i) % world_size == rank`` (so a rank never goes empty unless there are fewer samples
-      than ranks);
+      fewer shards than ranks (or, when ``_info.json`` gives shard lengths, if dealing shards would leave
+      a rank only empty shards) every rank reads every shard and keeps sample i of shard s when
+      ``(s + i) % world_size == rank``. So every rank gets at least one sample whenever the split has
+      at least ``world_size`` samples -- which matters: a rank with *no* validation batch never registers
+      the logged metrics, and Lightning's epoch-end sync then hangs (checked under DDP: it hangs with
+      torchmetrics and with ``self.log(sync_dist=True)`` alike). The data module refuses fewer samples
+      than ranks. Not covered: a rank all of whose samples are lost to corruption (e.g. its only shard
+      truncated) still ends with no batch -- the skip warnings say so before the sync;
     * workers, within the shards of a rank: with at least as many shards as workers, the rank's shard
       list is dealt round-robin to the workers; otherwise every worker of the rank reads the rank's
       shards and keeps the j-th sample it owns when ``(s + j) % num_workers == worker``.
 
-    The last batch of each worker may be partial. Ranks may end with different numbers of batches;
-    Lightning's evaluation loop is fine with that as long as metrics are synchronised at epoch end
-    (torchmetrics, or ``self.log(..., sync_dist=True)`` with the default ``on_epoch=True``), which
-    ``tests/test_data_ddp.py`` checks.
+    The last batch of each worker may be partial. Ranks may end with different numbers of batches
+    (>= 1); Lightning's evaluation loop is fine with that as long as metrics are synchronised at epoch
+    end (torchmetrics, or ``self.log(..., sync_dist=True)`` with the default ``on_epoch=True``), which
+    ``tests/test_data_ddp.py`` checks. Do not use collectives inside ``validation_step``.
 
 Corrupt samples
     A sample whose image does not decode, which has no image or no ``cls``, whose label is not an
     integer in ``[0, num_classes)``, or whose transform fails, is skipped; a tar file that cannot be
-    opened or read (truncated, not a tar) is abandoned after the samples read so far. Each event is
-    counted in a :class:`SampleCounter` (a small int64 table in shared memory, one row per DataLoader
-    worker, so counts made inside worker processes are visible in the main process without a side
-    channel in the batches), the first few are logged individually with key and shard, and every worker
-    logs a summary when its stream ends. The counter also counts the samples delivered (``ok``).
+    opened or read (missing, not a tar, truncated) is abandoned after the samples read so far
+    (``read_error``, one per shard read) and, in evaluation with ``_info.json`` shard lengths, the
+    samples it lacks are counted as ``short_shard``. Every event is counted once, by the (rank, worker)
+    that owns the sample (shard-level events: by one designated reader), in a :class:`SampleCounter` --
+    a small int64 table in shared memory, one row per DataLoader worker, so counts made inside worker
+    processes are visible in the main process without a side channel in the batches. The first few
+    events are logged one by one with key and shard, every worker logs a summary when its stream ends,
+    and the counter also counts the samples delivered (``ok``).
 """
 
 from __future__ import annotations
@@ -378,11 +386,19 @@ class EvalAssignment:
         return rank_ok and worker_ok
 
 
-def assign_eval_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int) -> EvalAssignment:
-    """The shards (rank, worker) reads and how it filters them (see module docstring)."""
+def assign_eval_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int,
+                       shard_lengths: Sequence[int] | None = None) -> EvalAssignment:
+    """The shards (rank, worker) reads and how it filters them (see module docstring).
+
+    Shards are dealt to ranks only if every rank then gets a sample (at least ``world_size`` shards, and
+    with known ``shard_lengths`` no rank left with only empty shards); otherwise ranks split by sample.
+    """
     if not 0 <= rank < world_size or not 0 <= worker < num_workers:
         raise ValueError(f"bad rank/worker {rank}/{world_size}, {worker}/{num_workers}")
-    if num_shards >= world_size:
+    by_shard = num_shards >= world_size
+    if by_shard and shard_lengths is not None:
+        by_shard = all(sum(shard_lengths[r::world_size]) > 0 for r in range(world_size))
+    if by_shard:
         rank_shards = list(range(rank, num_shards, world_size))
         rank_by_sample = False
     else:
@@ -438,7 +454,8 @@ class EvalShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, num_workers = _worker()
-        assignment = assign_eval_shards(len(self.urls), self.rank, self.world_size, worker, num_workers)
+        assignment = assign_eval_shards(len(self.urls), self.rank, self.world_size, worker, num_workers,
+                                        self.shard_lengths)
         skips = _SkipLog(self.counter, f"{self.what} rank {self.rank}")
         decode = _DecodeTransform(self.transform, self.num_classes, skips)
         batch, delivered = [], 0

@@ -85,11 +85,11 @@ class BiMambaMixer(nn.Module):
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if not suffix else (self.A_b_log, self.D_b)
         u = _causal_conv_silu(x, conv)  # (b, E, L)
+        # channels-first products (W @ u) give the (b, C, L) layout the scan reads, without transposed copies;
         # functional calls keep every op of this direction inside its DirectionScope for FLOP attribution
-        dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (b, L, R + 2N)
-        dt, Bm, Cm = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes inside the softplus, in the scan
-        Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
+        dbl = torch.matmul(x_proj.weight, u)  # (b, R + 2N, L)
+        dt, Bm, Cm = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(dt_proj.weight, dt)  # (b, E, L); the bias goes inside the softplus, in the scan
         A = -torch.exp(A_log.float())
         if gap is None:
             return selective_scan(u, delta, A, Bm, Cm, D.float(), z, delta_bias=dt_proj.bias.float(),
@@ -99,8 +99,9 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 want_ssm_out: bool = False):
-        xz = self.in_proj(h).transpose(1, 2)  # (b, 2E, L)
-        x, z = xz.chunk(2, dim=1)
+        h_t = h.transpose(1, 2)  # (b, D, L)
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)  # official split of in_proj: x first, then z
+        x, z = torch.matmul(w_x, h_t), torch.matmul(w_z, h_t)  # (b, E, L) each, contiguous
         gap_f, gap_b = gaps if gaps is not None else (None, None)
         y_f = self.scan_fwd(self._direction, x, z, "", gap_f)
         y_b = self.scan_bwd(self._direction, x.flip(-1), z.flip(-1), "_b", None if gap_b is None else gap_b.flip(-1))
