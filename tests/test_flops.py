@@ -28,7 +28,7 @@ def test_vim_full_count_equals_the_analytic_formula():
 
 def test_vit_count_includes_attention_matmuls():
     model = tokenprune.create_model("deit_test_patch4_32")
-    D, L, depth, heads = 32, 65, 4, 2
+    D, L, depth = 32, 65, 4
     attn = 2 * L * L * D  # q k^T and attn v over all heads
     per_block = L * D * 3 * D + attn + L * D * D + 2 * L * D * 4 * D + 2 * 5 * L * D  # + 2 affine LayerNorms, 5/elt
     expected = 64 * D * 3 * 16 + depth * per_block + 5 * L * D + D * 10  # patch conv, blocks, final norm, head

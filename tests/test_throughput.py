@@ -33,14 +33,6 @@ class Counting(nn.Module):
         return x
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_measure_counts_modes_and_keys():
     m = Counting()
     m.train()

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import tokenprune  # noqa: F401  (registers the models)
-from tokenprune.models import CheckpointMismatchError, VisionMamba
+from tokenprune.models import CheckpointMismatchError
 from tokenprune.ssm import selective_scan_reference
 
 COUNTS = {"vim_tiny_patch16_224": 7_148_008, "vim_small_patch16_224": 25_796_584,

@@ -219,5 +219,6 @@ class VisionMamba(TokenBackbone):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:
-    """Official ViM files already use our key names; drop training-only extras (none known) and keep the rest."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("head_dist")}
+    """Official ViM files already use our key names: nothing is renamed or dropped, so any key that does not
+    fit is reported by the strict load."""
+    return state_dict

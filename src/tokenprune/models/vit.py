@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from ..pruning.state import TokenState, initial_state
 from .base import TokenBackbone
