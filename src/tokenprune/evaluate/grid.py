@@ -150,12 +150,12 @@ def _validate(variants: List[Variant], dm, cfg: EvalConfig, device: torch.device
 def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.device, progress: bool = True):
     """Rows (one per variant) and the visual of one backbone."""
     from ..models.proposal import build_proposal
-    from ..pruning.methods import METHODS
+    from ..pruning.methods import METHODS, family_of
 
     name = entry.name or entry.model
     torch.manual_seed(cfg.seed)
     bb = build_backbone(entry)
-    family = "ssm" if bb.is_ssm else "vit"
+    family = family_of(bb)
     needs_proposal = any(_applicable(bb, m.method) and m.method in METHODS and "papr" == m.options.get(
         "evaluator", (METHODS[m.method].evaluator or {}).get(family)) for m in cfg.methods)
     proposal = build_proposal(cfg.proposal, cfg.proposal_checkpoint) if (needs_proposal and cfg.proposal) else None
@@ -213,7 +213,7 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
         rows.append(row)
         v.metrics = None
     info = {"name": name, "model": entry.model, "checkpoint_file": entry.checkpoint_file,
-            "random_weights": not entry.checkpoint_file, "family": "ssm" if bb.is_ssm else "vit",
+            "random_weights": not entry.checkpoint_file, "family": family,
             "depth": bb.num_layers, "grid": list(bb.grid), "seq_len": bb.seq_len, "input_size": list(input_size),
             "skipped": skipped, "samples": val["samples"], "validation_seconds": val["seconds"],
             "data": {"val_shards": dm.val_shards, "val_samples": dm.val_set.num_samples if dm.val_set else None,

@@ -59,12 +59,17 @@ def list_methods() -> List[str]:
     return sorted(METHODS)
 
 
+def family_of(backbone: nn.Module) -> str:
+    """The preset family of a backbone: "ssm" (ViM, PlainMamba) or "vit"."""
+    return "ssm" if backbone.is_ssm else "vit"
+
+
 def inapplicable_reason(method: str, backbone: nn.Module) -> Optional[str]:
     """Why a preset cannot run on a backbone (None when it can); unknown names are create_model's error."""
     spec = METHODS.get(method)
     if spec is None:
         return None
-    family = "ssm" if backbone.is_ssm else "vit"
+    family = family_of(backbone)
     if family not in spec.families:
         return (f"method {method!r} is defined for {list(spec.families)} backbones, not "
                 f"{type(backbone).__name__} ({family}): {spec.doc}")
@@ -111,8 +116,8 @@ def as_backbone(backbone: Union[str, nn.Module], allow_plain: bool = False, **mo
         return backbone
     if isinstance(backbone, nn.Module) and type(backbone).__name__ == "VisionTransformer":
         return TimmViT(backbone)
-    if isinstance(backbone, nn.Module) and not allow_plain:
-            raise TypeError(f"{type(backbone).__name__} has no token interface (ViM, PlainMamba or a timm ViT "
+    if not allow_plain or not isinstance(backbone, nn.Module):
+        raise TypeError(f"{type(backbone).__name__} has no token interface (ViM, PlainMamba or a timm ViT "
                         "expected); only method=None can run it")
     return PlainClassifier(backbone)
 
@@ -155,7 +160,7 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
     if reason:
         raise ValueError(reason)
     spec = METHODS[method]
-    family = "ssm" if bb.is_ssm else "vit"
+    family = family_of(bb)
     spec = replace(spec, smoothing=spec.smoothing if smoothing is None else smoothing,
                    alignment=spec.alignment if alignment == "default" else alignment,
                    reducer=reducer or spec.reducer)

@@ -1,18 +1,17 @@
 """A reduction stage (evaluator -> smoothing -> reducer -> alignment) and the model that runs a schedule."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from . import reducers
+from . import ops, reducers
 from .evaluators import Evaluator
 from .state import TokenState
 
-BEFORE_ENCODER = -1
+BEFORE_ENCODER = -1  # layer index of the one-step stage that runs between embedding and the first block
 
 
 @dataclass
@@ -24,16 +23,12 @@ class StageTrace:
     pos: torch.Tensor
     size: torch.Tensor
     protected: torch.Tensor
-    cls_index: Optional[int]  # layer index of the one-step stage that runs between embedding and the first block
+    cls_index: Optional[int]
 
 
 def count_tokens(n_free: int, keep: float, rule: str = "round") -> int:
     """Non-protected tokens kept from n_free at a keep ratio (round, or ceil as EViT)."""
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep ratio must be in (0, 1], got {keep!r}")
-    raw = keep * n_free
-    kept = math.ceil(raw - 1e-9) if rule == "ceil" else int(math.floor(raw + 0.5))
-    return max(1, min(n_free, kept))
+    return ops.keep_count_ceil(n_free, keep) if rule == "ceil" else ops.keep_count(n_free, keep)
 
 
 class ReductionStage(nn.Module):
