@@ -44,6 +44,8 @@ from typing import Any
 
 import braceexpand
 
+from ..envpaths import expand_env
+
 __all__ = [
     "ShardSpecError",
     "SampleCountError",
@@ -67,7 +69,6 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_ENV_LEFT = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
 class ShardSpecError(ValueError):
@@ -90,14 +91,7 @@ def _is_remote(path: str) -> bool:
 
 
 def _expand_env(spec: str) -> str:
-    out = os.path.expandvars(spec)
-    left = _ENV_LEFT.findall(out)
-    if left:
-        raise ShardSpecError(
-            f"shard spec {spec!r} uses environment variable(s) {', '.join(sorted(set(left)))} "
-            "that are not set; export them or give the full path"
-        )
-    return out
+    return expand_env(spec, "shard spec", ShardSpecError)
 
 
 def _files_for_split_in_dir(directory: str, split: str) -> list[str]:

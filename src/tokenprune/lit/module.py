@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import lightning as L
@@ -34,7 +33,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models.checkpoint import CheckpointMismatchError, load_strict
+from ..envpaths import expand_env
+from ..models.checkpoint import CheckpointMismatchError, load_strict, torch_load_trusted
 from ..pruning import create_model
 from ..pruning.stage import PrunedModel
 
@@ -48,21 +48,7 @@ LIGHTNING_VERSION_KEYS = ("pytorch-lightning_version", "lightning_version")
 # ---------------------------------------------------------------------------------------------- checkpoints
 def expand_path(path: Optional[str], what: str = "path") -> Optional[str]:
     """Expand ``~`` and ``$VAR`` / ``${VAR}``; an unset variable is an error naming it."""
-    if path is None:
-        return None
-    import re
-    for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", path):
-        if name not in os.environ:
-            raise ValueError(f"{what} {path!r} uses ${name}, which is not set in the environment")
-    return os.path.expanduser(os.path.expandvars(path))
-
-
-def _torch_load(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - Lightning/official files may pickle non-tensor objects
-        warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully (trusted local file)")
-        return torch.load(path, map_location="cpu", weights_only=False)
+    return expand_env(path, what)
 
 
 def is_lightning_checkpoint(obj: Any) -> bool:
@@ -94,7 +80,7 @@ def load_backbone_from_lightning(model: PrunedModel, path: str, use_ema: bool = 
     Only ``backbone.*`` is taken: the reduction stages of the earlier run may differ (another method, keep
     ratio or proposal network); the proposal network comes from ``proposal_checkpoint``.
     """
-    ckpt = _torch_load(path) if ckpt is None else ckpt
+    ckpt = torch_load_trusted(path) if ckpt is None else ckpt
     state = pruned_model_state(ckpt, path, use_ema)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
@@ -235,7 +221,7 @@ class PruningClassifier(L.LightningModule):
         if ckpt_path is not None:
             if not os.path.isfile(ckpt_path):
                 raise FileNotFoundError(f"model.checkpoint_file not found: {ckpt_path!r}")
-            obj = _torch_load(ckpt_path)
+            obj = torch_load_trusted(ckpt_path)
             if is_lightning_checkpoint(obj):
                 lightning_ckpt = obj
             else:

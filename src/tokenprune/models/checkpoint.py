@@ -17,20 +17,26 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose keys or shapes do not fit the model."""
 
 
+def torch_load_trusted(path: str):
+    """torch.load of a local file: weights_only first; official training scripts pickle an argparse
+    Namespace (and Lightning its hyper-parameters) beside the weights, which weights_only refuses, so then a
+    full unpickle of this trusted local file, with a warning."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unpickling refusal
+        warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully (trusted local file)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """Return the flat state dict of a checkpoint file in any of the official layouts.
 
     Accepts a bare state dict, or a dict with the weights under `model` / `state_dict` (and `model_ema` /
-    `state_dict_ema` when use_ema). Official training scripts pickle an argparse Namespace beside the weights,
-    which `weights_only=True` refuses; we then fall back to a full unpickle of this local file, with a warning.
+    `state_dict_ema` when use_ema).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any unpickling refusal
-        warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully (trusted local file)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch_load_trusted(path)
     if not isinstance(ckpt, dict):
         raise CheckpointMismatchError(f"{path}: expected a dict of tensors or a dict holding one, got {type(ckpt)}")
     if use_ema and not any(isinstance(ckpt.get(k), dict) for k in EMA_KEYS):
