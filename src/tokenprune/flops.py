@@ -28,7 +28,7 @@ FREE_OPS = {
     "numpy_T", "mT", "lift_fresh", "alias", "clone", "masked_fill_", "fill_", "sign", "argmax", "amax",
     "unflatten", "movedim", "diff", "max_pool2d", "avg_pool2d", "pad", "reciprocal", "erf", "square",
     "scaled_dot_product_attention_math", "expm1", "log1p", "is_nonzero", "__or__", "bitwise_or", "repeat_interleave",
-    "scatter_reduce", "scatter_add", "scatter_add_", "index_add", "bitwise_and", "any", "all", "min",
+    "scatter_reduce", "scatter_add", "scatter_add_", "index_add", "bitwise_and", "any", "all", "min", "empty_like",
 }
 
 

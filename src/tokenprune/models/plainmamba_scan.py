@@ -29,6 +29,8 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
+from ..pruning import ops
+
 START, RIGHT, LEFT, UP, DOWN = 0, 1, 2, 3, 4
 DIRECTION_NAMES = ("start", "right", "left", "up", "down")
 NUM_DIRECTION_LABELS = 5
@@ -115,12 +117,10 @@ def restricted_scan(pos: torch.Tensor, order_inverse: torch.Tensor, labels: torc
         order_inverse: (L,) long, full-scan step of each raster position.
         labels: (L,) long, direction label of each full-scan step.
     """
-    steps = order_inverse[pos]  # (B, T) full-scan step of each token
-    sorted_steps, perm = torch.sort(steps, dim=1, stable=True)
-    inverse = torch.argsort(perm, dim=1)
-    prev = torch.cat([sorted_steps.new_full((steps.shape[0], 1), -1), sorted_steps[:, :-1]], dim=1)
-    gaps = sorted_steps - prev - 1
-    return RestrictedScan(perm, inverse, labels[sorted_steps], gaps)
+    perm = ops.restricted_order(torch.argsort(order_inverse), pos)
+    sorted_steps = order_inverse[pos].gather(1, perm)  # full-scan steps the restricted scan visits, ascending
+    gaps, _ = ops.scan_gaps(sorted_steps, int(order_inverse.shape[0]))
+    return RestrictedScan(perm, torch.argsort(perm, dim=1), labels[sorted_steps], gaps)
 
 
 def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor) -> List[RestrictedScan]:
