@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 __all__ = ["BackboneEntry", "MethodEntry", "DataConfig", "ThroughputConfig", "VisualizeConfig", "EvalConfig",
-           "build_parser", "parse_config", "normalise_config", "resolve_device", "BUDGET_MODES"]
+           "build_parser", "parse_config", "methods_for", "normalise_config", "resolve_device", "BUDGET_MODES"]
 
 BUDGET_MODES = ("reduction", "keep", "flops")
 
@@ -28,12 +28,18 @@ class BackboneEntry:
         name: display name in the report (default: the timm name)
         model_kwargs: extra timm.create_model keywords
         data: per-backbone data overrides (image_size, resize_size, mean, std)
+        methods: the grid's methods this backbone runs, by label or preset name (default: all), so that each
+            table has the rows of its paper (e.g. ToMe/VisionZip for DeiT, PuMer/UTR/ToP for ViM)
+        reductions: this backbone's budgets (default: the grid's), e.g. only the budget a fine-tuned model
+            was trained for
     """
     model: str
     checkpoint_file: Optional[str] = None
     name: Optional[str] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     data: Dict[str, Any] = field(default_factory=dict)
+    methods: Optional[List[str]] = None
+    reductions: Optional[List[float]] = None
 
 
 @dataclass
@@ -188,12 +194,13 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
         raise ValueError("no backbone given: --backbones '[vim_small_patch16_224]' or a `backbones:` list")
     if cfg.budget not in BUDGET_MODES:
         raise ValueError(f"budget must be one of {BUDGET_MODES}, got {cfg.budget!r}")
-    for r in cfg.reductions:
+    for r in [r for b in cfg.backbones for r in (b.reductions or [])] + list(cfg.reductions):
         if cfg.budget == "keep" and not 0.0 < r <= 1.0:
             raise ValueError(f"budget=keep: values of `reductions` are keep ratios in (0, 1], got {r!r}")
         if cfg.budget != "keep" and not 0.0 <= r < 1.0:
             raise ValueError(f"budget={cfg.budget}: reductions must be in [0, 1), got {r!r}")
     for b in cfg.backbones:
+        methods_for(b, cfg)  # raises on unknown names
         for key in b.data:
             if key not in ("image_size", "resize_size", "mean", "std"):
                 raise ValueError(f"backbone {b.model}: unknown data override {key!r}; expected image_size, "
@@ -203,6 +210,22 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
     for dt in (cfg.dtype, cfg.throughput.dtype):
         _dtype(dt)
     return cfg
+
+
+def methods_for(entry: BackboneEntry, cfg: EvalConfig) -> List[MethodEntry]:
+    """The method entries of ``cfg`` that ``entry`` runs (its ``methods`` list, by label or preset name)."""
+    if entry.methods is None:
+        return list(cfg.methods)
+    from .variants import method_label
+
+    names = set(entry.methods)
+    chosen = [m for m in cfg.methods if method_label(m) in names or m.method in names]
+    known = {method_label(m) for m in cfg.methods} | {m.method for m in cfg.methods}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(f"backbone {entry.name or entry.model}: methods {unknown} are not in the grid's "
+                         f"`methods` (labels and presets there: {sorted(known)})")
+    return chosen
 
 
 def parse_config(argv: Optional[List[str]] = None):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 # (eval.py, the tests and the docs import them from tokenprune.evaluate.grid).
 from .config import (BUDGET_MODES, BackboneEntry, DataConfig, EvalConfig, MethodEntry,  # noqa: F401
                      ThroughputConfig, VisualizeConfig, _dtype, _to_dataclass, build_parser, normalise_config,
-                     parse_config, resolve_device)
+                     methods_for, parse_config, resolve_device)
 from .measure import _flops_fields, _input_size, _jsonable, _throughput, _unique_params, machine_info
 from .variants import (DISPLAY_NAMES, MERGING_REDUCERS, Variant, _applicable, _build_variants,  # noqa: F401
                        _read_data_yaml, build_backbone, build_datamodule, method_label)
@@ -156,10 +156,11 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
     torch.manual_seed(cfg.seed)
     bb = build_backbone(entry)
     family = family_of(bb)
+    methods = methods_for(entry, cfg)
     needs_proposal = any(_applicable(bb, m.method) and m.method in METHODS and "papr" == m.options.get(
-        "evaluator", (METHODS[m.method].evaluator or {}).get(family)) for m in cfg.methods)
+        "evaluator", (METHODS[m.method].evaluator or {}).get(family)) for m in methods)
     proposal = build_proposal(cfg.proposal, cfg.proposal_checkpoint) if (needs_proposal and cfg.proposal) else None
-    variants, skipped = _build_variants(bb, cfg, proposal, progress)
+    variants, skipped = _build_variants(bb, cfg, proposal, progress, methods, entry.reductions)
     input_size = _input_size(bb)
     for v in tqdm(variants, desc=f"params/FLOPs {name}", disable=not progress, leave=False):
         v.row.update(params=_unique_params(v.model), params_backbone=_unique_params(bb),

@@ -131,14 +131,16 @@ def _applicable(bb: nn.Module, method: str) -> bool:
     return inapplicable_reason(method, bb) is None
 
 
-def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module], progress: bool):
+def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module], progress: bool,
+                    methods: Optional[list] = None, reductions: Optional[list] = None):
     from ..pruning.methods import create_model, inapplicable_reason
     from .budget import solve_keep, solve_keep_for_flops
 
     variants = [Variant("unpruned", "Unpruned", None, None, None, None, 1.0, create_model(bb).eval())]
     skipped = []
     labels = {}
-    work = [(e, r) for e in cfg.methods for r in cfg.reductions]
+    work = [(e, r) for e in (cfg.methods if methods is None else methods)
+            for r in (cfg.reductions if reductions is None else reductions)]
     unpruned_flops = None
     for entry, budget in tqdm(work, desc="building variants", disable=not progress, leave=False):
         label = method_label(entry)

@@ -52,6 +52,13 @@ def vim_micro_patch4_56(pretrained=False, **kwargs):
 
 
 @register_model
+def vim_micro_patch8_56(pretrained=False, **kwargs):
+    """The shipped CPU ViM (7x7 grid: 4x cheaper to train on 2 cores than the 14x14 patch-4 variant)."""
+    return _vim(dict(img_size=56, patch_size=8, embed_dim=64, depth=8, num_classes=10), pretrained=pretrained,
+                **kwargs)
+
+
+@register_model
 def vim_test_patch4_32(pretrained=False, **kwargs):
     """Tiny random ViM for unit tests (8x8 grid)."""
     return _vim(dict(img_size=32, patch_size=4, embed_dim=32, depth=4, d_state=4, num_classes=10),

@@ -19,6 +19,13 @@ def deit_micro_patch4_56(pretrained=False, **kwargs):
 
 
 @register_model
+def deit_micro_patch8_56(pretrained=False, **kwargs):
+    """The shipped CPU DeiT (7x7 grid, same grid as ``vim_micro_patch8_56``)."""
+    return _deit(dict(img_size=56, patch_size=8, embed_dim=96, depth=8, num_heads=3, num_classes=10),
+                 pretrained=pretrained, **kwargs)
+
+
+@register_model
 def deit_test_patch4_32(pretrained=False, **kwargs):
     """Tiny random DeiT for unit tests (8x8 grid)."""
     return _deit(dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10),
