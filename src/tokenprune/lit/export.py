@@ -34,8 +34,8 @@ def unwrap_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
     return backbone
 
 
-def _last_metric(ckpt: dict, name: str) -> Optional[float]:
-    """A logged metric saved by ModelCheckpoint (the monitored one) or the progress-bar callback state."""
+def _best_score(ckpt: dict, name: str) -> Optional[float]:
+    """The best value of ``name`` kept by a ModelCheckpoint that monitors it (None without one)."""
     for state in ckpt.get("callbacks", {}).values():
         if isinstance(state, dict) and state.get("monitor") == name and state.get("current_score") is not None:
             return float(state["current_score"])
@@ -63,7 +63,7 @@ def export_backbone(ckpt_path: str, out_path: str, use_ema: bool = False) -> Dic
     module = unwrap_backbone(backbone)
     meta = {"backbone": name, "source": os.path.basename(ckpt_path), "epoch": int(ckpt.get("epoch", -1)),
             "global_step": int(ckpt.get("global_step", -1)), "ema": bool(use_ema)}
-    best = _last_metric(ckpt, "val/top1")
+    best = _best_score(ckpt, "val/top1")
     if best is not None:
         meta["best_val_top1"] = best
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
