@@ -264,15 +264,20 @@ def test_shipped_grid_files_parse(path):
 
 def test_per_backbone_methods_and_reductions(files, tmp_path):
     """Each backbone runs the rows of its own paper table, and a fine-tuned entry only its own budget."""
-    kw = dict(flops=False, throughput=ThroughputConfig(enabled=False), visualize=VisualizeConfig(enabled=False),
-              max_samples=8, budget="keep", reductions=[0.5, 0.75])
+    kw = dict(flops=False, throughput=ThroughputConfig(enabled=False), max_samples=8, budget="keep",
+              reductions=[0.5, 0.75])
     ck = files["ckpt"]
     cfg = grid_config(files, tmp_path, methods=["tome", "evit", MethodEntry("papr_ss", options={"smoothing": 5})],
                       backbones=[BackboneEntry("vim_test_patch4_32", ck["vim_test_patch4_32"], name="V",
                                                methods=["PaPr+SS (k=5)", "evit"]),
                                  BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D",
-                                               methods=["tome"], reductions=[0.75])], **kw)
-    rows = run_grid(cfg)["rows"]
+                                               methods=["tome"], reductions=[0.75], visualize=False)],
+                      visualize=VisualizeConfig(num_images=2), **kw)
+    result = run_grid(cfg)
+    rows = result["rows"]
+    assert list(result["visuals"]) == ["V"]  # D opted out of kept_patches.png
+    assert set(result["visuals"]["V"]["methods"]) == {"EViT", "PaPr+SS (k=5)"}
+    kw["visualize"] = VisualizeConfig(enabled=False)
     assert [(r["backbone"], r["label"], r["keep"]) for r in rows] == [
         ("V", "Unpruned", 1.0), ("V", "EViT", 0.5), ("V", "EViT", 0.75),
         ("V", "PaPr+SS (k=5)", 0.5), ("V", "PaPr+SS (k=5)", 0.75),

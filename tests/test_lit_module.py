@@ -179,6 +179,54 @@ def test_distillation_and_ema_smoke(tmp_path):
         assert torch.equal(again.ema.module.state_dict()[k], v), k
 
 
+def test_distillation_from_a_separate_convnet_teacher(tmp_path):
+    """DeiT's recipe: a frozen ConvNet teacher (here the PaPr proposal net) read from its weights file."""
+    import timm
+    torch.manual_seed(0)
+    convnet = timm.create_model("papr_convnet_micro").eval()
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": convnet.state_dict()}, weights)
+    x, y = learnable_batches(16)
+    for mode in ("hard", "logits"):
+        m = PruningClassifier("deit_test_patch4_32", distill=mode, distill_teacher="papr_convnet_micro",
+                              distill_teacher_checkpoint=str(weights), distill_alpha=1.0, distill_tau=2.0)
+        assert type(m.teacher).__name__ == "ProposalConvNet" and not m.teacher.training
+        assert all(not p.requires_grad for p in m.teacher.parameters())
+        with torch.no_grad():
+            t = convnet(x)
+            assert torch.equal(m.teacher(x), t)  # the file's weights, loaded exactly
+            student = m.model(x)
+            expect = (torch.nn.functional.cross_entropy(student, t.argmax(-1)) if mode == "hard" else
+                      4.0 * torch.nn.functional.kl_div(torch.log_softmax(student / 2, -1), torch.log_softmax(t / 2, -1),
+                                                       reduction="batchmean", log_target=True))
+            assert torch.allclose(m.distill_loss(student, x), expect)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(m, DataLoader(TensorDataset(x, y), batch_size=8))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert not any(k.startswith("teacher.") for k in torch.load(path, weights_only=False)["state_dict"])
+    again = PruningClassifier.load_from_checkpoint(path)  # teacher rebuilt from its file
+    with torch.no_grad():
+        assert torch.equal(again.teacher(x), convnet(x))
+
+
+def test_distillation_teacher_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="together"):
+        PruningClassifier("deit_test_patch4_32", distill="hard", distill_teacher="papr_convnet_micro")
+    with pytest.raises(ValueError, match="needs distill="):
+        PruningClassifier("deit_test_patch4_32", distill_teacher="papr_convnet_micro",
+                          distill_teacher_checkpoint="x.pth")
+    with pytest.raises(FileNotFoundError, match="distill_teacher_checkpoint not found"):
+        PruningClassifier("deit_test_patch4_32", distill="hard", distill_teacher="papr_convnet_micro",
+                          distill_teacher_checkpoint=str(tmp_path / "missing.pth"))
+    import timm
+    weights = tmp_path / "t5.pth"
+    torch.save({"model": timm.create_model("papr_convnet_micro", num_classes=5).state_dict()}, weights)
+    with pytest.raises(CheckpointMismatchError, match="head"):
+        PruningClassifier("deit_test_patch4_32", distill="hard", distill_teacher="papr_convnet_micro",
+                          distill_teacher_checkpoint=str(weights))
+
+
 # ---------------------------------------------------------------------------------------------- callbacks
 def test_flops_and_throughput_callbacks_log_their_keys(tmp_path):
     x, y = learnable_batches(8)

@@ -54,7 +54,12 @@ def expected_counts(method, family, keep, depth=4):
     stages = 1 if spec.schedule == "quarter" else (3 if family == "deit" else 2)
     counts, free = [], n
     for _ in range(stages):
-        kept = math.ceil(keep * free - 1e-9) if method == "evit" else int(math.floor(keep * free + 0.5))
+        if method == "evit":
+            kept = math.ceil(keep * free - 1e-9)
+        elif method in ("top", "hsa"):  # the official ToP count: ceil, lowered to even
+            kept = free if keep == 1.0 else max(1, math.ceil(keep * free - 1e-9) // 2 * 2)
+        else:
+            kept = int(math.floor(keep * free + 0.5))
         free = kept + (1 if method == "evit" else 0)
         counts.append(1 + free)
     return counts
@@ -154,3 +159,35 @@ def test_hsa_alignment_variants_differ_from_plain_pruning(backbones, images):
 def test_list_methods_has_every_paper_preset():
     assert set(tokenprune.list_methods()) >= {"random", "l2", "evit", "tome", "pumer", "utr", "top", "hsa",
                                               "papr", "papr_ss", "visionzip"}
+
+
+def test_top_with_the_ungated_score_keeps_what_that_score_ranks_highest(backbones, images):
+    """The ablation evaluator (ToP's score before the silu(z) gate) runs on ToP's schedule, keeps the highest-
+    scoring patches, and is refused where there is no SSM."""
+    vim = backbones["vim"]
+    with torch.no_grad():
+        gated = tokenprune.create_model(vim, "top", keep=0.5)
+        ungated = tokenprune.create_model(vim, "top", keep=0.5, evaluator="ssm_out_ungated")
+        assert [s.layer for s in ungated.stages] == [s.layer for s in gated.stages]
+        assert not torch.allclose(gated(images), ungated(images))
+        first = ungated.stages[0].layer
+        state = vim.embed(images)
+        seen = {}
+
+        class Hook:
+            needs = {"ssm_out_ungated"}
+
+            def __call__(self, state, signals):
+                seen.update(signals)
+                return state
+
+        for i in range(first + 1):
+            state = vim.run_block(i, state, Hook() if i == first else None)
+        kept = ungated.stages[0](state, seen).pos
+    score = seen["ssm_out_ungated"].clone()
+    score[:, state.cls_index] = float("inf")  # CLS is always kept
+    n = kept.shape[1]
+    expected = score.topk(n, dim=1).indices.sort(dim=1).values
+    assert torch.equal(kept, state.pos.gather(1, expected))
+    with pytest.raises(ValueError, match="ssm_out_ungated"):
+        tokenprune.create_model(backbones["deit"], "random", keep=0.5, evaluator="ssm_out_ungated", layers=[1])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tokenprune.pruning.ops import complement_indices, keep_count, keep_count_ceil, topk_indices
+from tokenprune.pruning.ops import complement_indices, keep_count, keep_count_ceil, keep_count_even, topk_indices
 
 SCORES = torch.tensor([[0.3, 0.9, 0.1, 0.7, 0.5, 0.8],
                        [0.6, 0.2, 0.4, 0.4, 0.9, 0.0]])
@@ -72,6 +72,26 @@ def test_keep_count():
     assert keep_count(10, 0.7) == 7
     assert keep_count(10, 0.01) == 1  # clamped to >= 1
     assert keep_count(10, 1.0) == 10
+
+
+def test_keep_count_even_is_the_official_top_rule():
+    assert [keep_count_even(n, 0.8) for n in (196, 156, 124)] == [156, 124, 100]  # ceil 157 -> 156; 100 stays
+    assert keep_count_even(49, 0.7) == 34  # ceil(34.3) = 35 -> 34
+    assert keep_count_even(3, 0.1) == 1  # never below one token
+    assert keep_count_even(7, 0.99) == 6
+    assert keep_count_even(7, 1.0) == 7  # keep 1 is the unpruned model
+
+
+def test_top_on_vim_small_gives_the_published_token_sequence():
+    """ToP on ViM-S, keep 0.8 after layers 5, 10, 15: 197 -> 157 -> 125 -> 101 tokens (ToP paper / code)."""
+    import tokenprune
+    model = tokenprune.create_model("vim_small_patch16_224", "top", keep=0.8)
+    assert [s.layer for s in model.stages] == [4, 9, 14]
+    n, seq = 197, []
+    for stage in model.stages:
+        n = stage.out_tokens(n, 1)
+        seq.append(n)
+    assert seq == [157, 125, 101]
 
 
 def test_keep_count_ceil_evit_schedule():

@@ -308,10 +308,11 @@ def test_pruned_mixer_scans_the_restricted_orders(gaps):
     if not gaps:
         ctx["scans"] = [s._replace(gaps=None) for s in ctx["scans"]]
     with torch.no_grad(), scan_impl("reference"):
-        out, importance = mx(x, ctx, want_ssm_out=True)
+        out, importances = mx(x, ctx, want={"ssm_out"})
         expected = manual_mixer(mx, x, KEPT, (4, 4), gaps=gaps)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert importance.shape == (2, 6) and bool((importance >= 0).all())
+    assert set(importances) == {"ssm_out"}
+    assert importances["ssm_out"].shape == (2, 6) and bool((importances["ssm_out"] >= 0).all())
 
 
 def test_general_path_with_every_token_equals_the_fast_path(lively, images):
@@ -355,10 +356,12 @@ def test_alignment_variants(lively, images):
 
 
 def test_ssm_out_signal(lively, images):
+    """ssm_out: every scan order's gated output (as ToP on ViM), clipped, channel-summed; ungated: before
+    the silu(z) gate."""
     seen = {}
 
     class Hook:
-        needs = {"ssm_out"}
+        needs = {"ssm_out", "ssm_out_ungated"}
 
         def __call__(self, state, signals):
             seen.update(signals)
@@ -374,9 +377,11 @@ def test_ssm_out_signal(lively, images):
             lively.layers[1](lively.embed(images).x)
         finally:
             del mx._scan
+        x_in = mx.in_proj(lively.layers[1].norm(lively.embed(images).x))
+        gate = torch.nn.functional.silu(x_in.chunk(2, dim=-1)[1])
     assert seen["ssm_out"].shape == (2, 64) and torch.equal(seen["hidden"], state.x)
-    expected = sum(y.clamp(min=0).sum(-1) for y in ys)
-    torch.testing.assert_close(seen["ssm_out"], expected)
+    torch.testing.assert_close(seen["ssm_out"], sum((y * gate).clamp(min=0).sum(-1) for y in ys))
+    torch.testing.assert_close(seen["ssm_out_ungated"], sum(y.clamp(min=0).sum(-1) for y in ys))
 
 
 def test_classify_weights_merged_tokens_by_size(tiny):

@@ -104,8 +104,9 @@ def test_middle_cls_and_position_embedding(tiny):
     assert state.patch_index()[0, 32] == -1 and state.patch_index()[0, 33] == 32
 
 
-def _reference_mixer(mixer, h):
-    """Official v2 forward written directly with the reference scan."""
+def _reference_mixer(mixer, h, directions=None):
+    """Official v2 forward written directly with the reference scan (``directions``: a dict that receives the
+    gated and ungated outputs of both directions, backward flipped back to token order)."""
     L = h.shape[1]
     xz = (h @ mixer.in_proj.weight.t()).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
@@ -121,6 +122,12 @@ def _reference_mixer(mixer, h):
     y = direction(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
     yb = direction(x.flip(-1), z.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log,
                    mixer.D_b)
+    if directions is not None:
+        directions["gated"] = (y, yb.flip(-1))
+        directions["ungated"] = (
+            direction(x, None, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D),
+            direction(x.flip(-1), None, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log,
+                      mixer.D_b).flip(-1))
     return ((y + yb.flip(-1)) / 2).transpose(1, 2) @ mixer.out_proj.weight.t()
 
 
@@ -130,6 +137,26 @@ def test_mixer_matches_the_official_v2_formula(tiny):
     with torch.no_grad():
         out, _ = mixer(h)
         torch.testing.assert_close(out, _reference_mixer(mixer, h), rtol=1e-5, atol=1e-5)
+
+
+def test_ssm_importances_are_the_clipped_channel_sums_of_both_directions(tiny):
+    """ssm_out = ToP's tensor (scan output after the silu(z) gate); ssm_out_ungated = before the gate. Asking
+    for them does not change the block's output."""
+    mixer = tiny.layers[0].mixer
+    h = torch.randn(2, 65, 32)
+    ref = {}
+    with torch.no_grad():
+        plain, none = mixer(h)
+        out, imp = mixer(h, want={"ssm_out", "ssm_out_ungated"})
+        _reference_mixer(mixer, h, ref)
+    assert none == {} and set(imp) == {"ssm_out", "ssm_out_ungated"}
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    for key, name in (("gated", "ssm_out"), ("ungated", "ssm_out_ungated")):
+        y_f, y_b = ref[key]
+        expected = y_f.clamp(min=0).sum(1) + y_b.clamp(min=0).sum(1)
+        assert imp[name].shape == (2, 65)
+        torch.testing.assert_close(imp[name], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(imp["ssm_out"], imp["ssm_out_ungated"])
 
 
 def test_forward_is_unpruned_token_path(tiny):

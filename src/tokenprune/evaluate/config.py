@@ -32,6 +32,7 @@ class BackboneEntry:
             table has the rows of its paper (e.g. ToMe/VisionZip for DeiT, PuMer/UTR/ToP for ViM)
         reductions: this backbone's budgets (default: the grid's), e.g. only the budget a fine-tuned model
             was trained for
+        visualize: draw this backbone's rows in kept_patches.png (e.g. off for single-method fine-tuned rows)
     """
     model: str
     checkpoint_file: Optional[str] = None
@@ -40,6 +41,7 @@ class BackboneEntry:
     data: Dict[str, Any] = field(default_factory=dict)
     methods: Optional[List[str]] = None
     reductions: Optional[List[float]] = None
+    visualize: bool = True
 
 
 @dataclass

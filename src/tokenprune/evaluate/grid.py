@@ -69,17 +69,19 @@ def _vis_variants(variants: List[Variant], target: float) -> Dict[str, Variant]:
 
 
 def _validate(variants: List[Variant], dm, cfg: EvalConfig, device: torch.device, num_classes: int,
-              backbone_name: str, progress: bool) -> Dict[str, Any]:
-    """One pass over the validation data, every batch through every variant."""
+              backbone_name: str, progress: bool, draw: bool = True) -> Dict[str, Any]:
+    """One pass over the validation data, every batch through every variant (``draw``: record the kept
+    patches of the first images for kept_patches.png)."""
     from .budget import measured_token_reduction, tokens_per_block_from_trace
 
     dtype = _dtype(cfg.dtype)
     for v in variants:
         v.metrics = (_top_k(num_classes, 1, device), _top_k(num_classes, 5, device))
         v.peak_mem = 0
-    vis = _vis_variants(variants, cfg.visualize.reduction) if cfg.visualize.enabled else {}
+    draw = draw and cfg.visualize.enabled
+    vis = _vis_variants(variants, cfg.visualize.reduction) if draw else {}
     vis_keys = {v.key for v in vis.values()}
-    need = cfg.visualize.num_images if cfg.visualize.enabled else 0
+    need = cfg.visualize.num_images if draw else 0
     vis_images: List[torch.Tensor] = []
     vis_kept: Dict[str, List[torch.Tensor]] = {v.label: [] for v in vis.values()}
     vis_labels: List[torch.Tensor] = []
@@ -173,7 +175,7 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
     if tuple(input_size[1:]) != (dm.image_size, dm.image_size):
         raise ValueError(f"{name} takes {input_size[1]}x{input_size[2]} images but the data gives "
                          f"{dm.image_size}x{dm.image_size}; set data.image_size (or the backbone's data: override)")
-    val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress)
+    val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress, draw=entry.visualize)
     tput: Dict[str, Any] = {"models": {}, "speedup": {}, "speedup_rounds": {}}
     if cfg.throughput.enabled:
         tdev = resolve_device(cfg.throughput.device) if cfg.throughput.device else device

@@ -7,8 +7,9 @@
   flagged ``_no_weight_decay``), cosine schedule with linear warm-up stepped every optimizer step;
 * optional EMA of the weights (timm ``ModelEmaV3``; validation/test then use the EMA weights; the EMA is a
   sub-module so its state is part of every checkpoint and a resume is exact);
-* optional knowledge distillation (``distill="logits"``) from the UNPRUNED model with the starting weights,
-  frozen, built once (its weights are not stored in checkpoints; they are rebuilt from ``checkpoint_file``);
+* optional knowledge distillation (``distill="logits"`` soft KL, ``"hard"`` DeiT's hard-label CE) from a frozen
+  teacher: the UNPRUNED model with the starting weights, or another network (``distill_teacher``, e.g. a ConvNet
+  as in DeiT); its weights are not stored in checkpoints (rebuilt from the files);
 * mixup / loss from the data module (``mixup_fn``, ``train_loss_fn()``) when it has them;
 * top-1 / top-5 with torchmetrics (synchronised over ranks: each sample counted once), validation loss as a
   sample-weighted mean;
@@ -41,7 +42,7 @@ from ..pruning.stage import PrunedModel
 log = logging.getLogger("tokenprune.lit")
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "register_tokens")
-DISTILL_MODES = (None, "logits")
+DISTILL_MODES = (None, "logits", "hard")
 LIGHTNING_VERSION_KEYS = ("pytorch-lightning_version", "lightning_version")
 
 
@@ -175,9 +176,14 @@ class PruningClassifier(L.LightningModule):
         min_lr: final learning rate of the cosine.
         schedule_steps: length of the cosine in optimizer steps (default: ``trainer.estimated_stepping_batches``).
         ema_decay: EMA decay (e.g. 0.9998) or None for no EMA; with EMA, validation/test use the EMA weights.
-        distill: None or "logits": KD from the unpruned model with the starting weights (frozen).
-        distill_alpha: weight of the KD term: loss = (1 - alpha) * task + alpha * tau^2 * KL.
-        distill_tau: KD temperature.
+        distill: None, "logits" (soft: tau^2 * KL of the tempered distributions) or "hard" (DeiT's hard
+            distillation: cross-entropy with the teacher's argmax) from a frozen teacher.
+        distill_alpha: weight of the KD term: loss = (1 - alpha) * task + alpha * KD.
+        distill_tau: KD temperature (soft distillation).
+        distill_teacher: the teacher's timm name (e.g. ``papr_convnet_micro``); default: the unpruned student
+            with its starting weights.
+        distill_teacher_checkpoint: the teacher's weights (official layout, loaded strictly); needed with
+            ``distill_teacher``.
         num_classes: classifier classes (default: the backbone's; the CLI links it to ``data.num_classes``).
         rng_seed: base seed of the per-step generators (default: ``seed_everything``'s, else 0); a resumed run
             keeps the seed stored in its checkpoint.
@@ -207,6 +213,8 @@ class PruningClassifier(L.LightningModule):
         distill: Optional[str] = None,
         distill_alpha: float = 0.5,
         distill_tau: float = 1.0,
+        distill_teacher: Optional[str] = None,
+        distill_teacher_checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
         rng_seed: Optional[int] = None,
     ):
@@ -242,11 +250,10 @@ class PruningClassifier(L.LightningModule):
         if num_classes is not None and n_cls != num_classes:
             raise ValueError(f"backbone {backbone!r} has {n_cls} classes but num_classes={num_classes}")
         self.num_classes = n_cls
-        # the teacher: the unpruned network with the starting weights, frozen, never trained
-        self.teacher: Optional[PrunedModel] = None
-        if distill == "logits":
-            self.teacher = PrunedModel(copy.deepcopy(self.model.backbone), [], method=None)
-            self.teacher.requires_grad_(False).eval()
+        # the teacher: frozen, never trained
+        self.teacher: Optional[nn.Module] = None
+        if distill is not None:
+            self.teacher = self._build_teacher(distill_teacher, distill_teacher_checkpoint, n_cls)
         self.ema = None
         if ema_decay is not None:
             from timm.utils import ModelEmaV3
@@ -271,6 +278,11 @@ class PruningClassifier(L.LightningModule):
             problems.append(f"keep must be in (0, 1], got {h.keep}")
         if h.distill not in DISTILL_MODES:
             problems.append(f"distill must be one of {DISTILL_MODES}, got {h.distill!r}")
+        if (h.distill_teacher is None) != (h.distill_teacher_checkpoint is None):
+            problems.append("give distill_teacher and distill_teacher_checkpoint together (a teacher must be "
+                            f"trained), got {h.distill_teacher!r} and {h.distill_teacher_checkpoint!r}")
+        if h.distill_teacher is not None and h.distill is None:
+            problems.append(f"distill_teacher={h.distill_teacher!r} needs distill='logits' or 'hard'")
         if not 0.0 <= h.distill_alpha <= 1.0:
             problems.append(f"distill_alpha must be in [0, 1], got {h.distill_alpha}")
         if h.distill_tau <= 0:
@@ -289,6 +301,20 @@ class PruningClassifier(L.LightningModule):
             problems.append(f"num_classes must be >= 1, got {h.num_classes}")
         if problems:
             raise ValueError("PruningClassifier: " + "; ".join(problems))
+
+    def _build_teacher(self, name: Optional[str], checkpoint: Optional[str], n_cls: int) -> nn.Module:
+        """The unpruned student with its starting weights, or the named network with its weights file."""
+        if name is None:
+            teacher: nn.Module = PrunedModel(copy.deepcopy(self.model.backbone), [], method=None)
+        else:
+            path = expand_path(checkpoint, "distill_teacher_checkpoint")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"model.distill_teacher_checkpoint not found: {path!r}")
+            teacher = timm.create_model(name, **official_checkpoint_kwargs(name, path))
+            out = getattr(teacher, "num_classes", n_cls)
+            if out != n_cls:
+                raise ValueError(f"distill_teacher {name!r} has {out} classes, the student {n_cls}")
+        return teacher.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
@@ -385,6 +411,8 @@ class PruningClassifier(L.LightningModule):
         assert self.teacher is not None
         with torch.no_grad():
             teacher = self.teacher(images)
+        if self.hparams.distill == "hard":
+            return F.cross_entropy(student, teacher.argmax(dim=-1))
         tau = self.hparams.distill_tau
         return F.kl_div(F.log_softmax(student.float() / tau, dim=-1), F.log_softmax(teacher.float() / tau, dim=-1),
                         reduction="batchmean", log_target=True) * tau * tau

@@ -18,9 +18,19 @@ SIGNAL_DOCS = {
     "cls_attn": "head-averaged attention row of the CLS query over all tokens (ViT)",
     "attn_received": "attention each token receives, averaged over heads and queries (ViT)",
     "keys": "head-averaged attention keys (B, T, C) (ViT)",
-    "ssm_out": "clipped (>= 0), channel-summed SSM output, both directions in token order (SSMs)",
+    "ssm_out": "clipped (>= 0), channel-summed SSM output (after the silu(z) gate, the tensor the official ToP "
+               "code reads), every scan direction mapped back to token order and summed (SSMs)",
+    "ssm_out_ungated": "the same before the silu(z) gate (an ablation, not ToP's definition) (SSMs)",
     "hidden": "the block's output hidden states (B, T, D) (all)",
 }
+
+
+SSM_SIGNALS = frozenset({"ssm_out", "ssm_out_ungated"})
+
+
+def clipped_channel_sum(*directions: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """ToP's importance: each direction's output clipped at 0, summed over channels, summed over directions."""
+    return sum(y.float().clamp(min=0).sum(dim) for y in directions)
 
 
 class ReductionHook(Protocol):

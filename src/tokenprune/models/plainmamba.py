@@ -26,7 +26,7 @@ on the full grid with zeros at pruned positions and gathers the kept tokens back
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..pruning.state import TokenState, initial_state
 from ..ssm import selective_scan
-from .base import TokenBackbone
+from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
 from .vim import DirectionScope
 
@@ -192,8 +192,9 @@ class PlainMamba2D(nn.Module):
             return y.index_select(1, self.order_inverse[k])
         return take(y, ctx["unvisit"][k])
 
-    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want_ssm_out: bool = False):
-        """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned."""
+    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want: AbstractSet[str] = frozenset()):
+        """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned.
+        Returns the output and the SSM importances named in ``want`` ((b, T) each, token order)."""
         grid_index = None if ctx is None else ctx["grid_index"]
         xz = self.in_proj(x)
         A = -torch.exp(self.A_log.float())
@@ -206,12 +207,14 @@ class PlainMamba2D(nn.Module):
         Bm = Bm.permute(0, 2, 1).contiguous()
         Cm = Cm.permute(0, 2, 1).contiguous()
         ys = [self.scans[k](self._scan, x_conv, dt, A, Bm, Cm, k, ctx) for k in range(NUM_ORDERS)]
-        y = sum(ys) * F.silu(z)
-        out = self.out_proj(y)
-        if not want_ssm_out:
-            return out, None
-        importance = sum(yk.float().clamp(min=0).sum(-1) for yk in ys)  # (b, T), token order
-        return out, importance
+        gate = F.silu(z)
+        out = self.out_proj(sum(ys) * gate)
+        importances = {}
+        if "ssm_out" in want:  # as on ViM: each scan order's gated output, clipped, channel-summed
+            importances["ssm_out"] = clipped_channel_sum(*(yk * gate for yk in ys), dim=-1)
+        if "ssm_out_ungated" in want:
+            importances["ssm_out_ungated"] = clipped_channel_sum(*ys, dim=-1)
+        return out, importances
 
 
 class PlainMambaLayer(nn.Module):
@@ -229,12 +232,12 @@ class PlainMambaLayer(nn.Module):
         self.mamba = PlainMamba2D(embed_dims, grid, **mamba_cfg)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want_ssm_out: bool = False):
-        mixed, importance = self.mamba(self.norm(x), ctx, want_ssm_out)
+    def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want: AbstractSet[str] = frozenset()):
+        mixed, importances = self.mamba(self.norm(x), ctx, want)
         mixed = self.drop_path(mixed) + x
         if self.with_dwconv:
             mixed = self._dwconv(mixed, None if ctx is None else ctx["grid_index"])
-        return mixed, importance
+        return mixed, importances
 
     def _dwconv(self, x: torch.Tensor, grid_index: Optional[torch.Tensor]) -> torch.Tensor:
         conv, bn, act = self.dw
@@ -251,7 +254,7 @@ class PlainMambaLayer(nn.Module):
 class PlainMamba(TokenBackbone):
     """PlainMamba classifier: conv stem + pos-embed, plain Mamba layers, final LN, mean pooling, Linear."""
 
-    signals = {"hidden", "ssm_out"}
+    signals = {"hidden", *SSM_SIGNALS}
     reduction_point = "post"
     is_ssm = True
     has_cls = False
@@ -346,28 +349,27 @@ class PlainMamba(TokenBackbone):
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()
-        want = "ssm_out" in needs
+        want = needs & SSM_SIGNALS
         align = state.extras.get("align")
         if align not in (None, "gap", "mask"):
             raise ValueError(f"unknown alignment {align!r}; expected None, 'gap' or 'mask'")
         L = self.grid[0] * self.grid[1]
         if align == "mask" and state.num_tokens < L:
-            out, importance = self._run_block_masked(i, state, want)
+            out, importances = self._run_block_masked(i, state, want)
         else:
             ctx = self._scan_context(state, gap=align == "gap")
-            out, importance = self.layers[i](state.x, ctx, want_ssm_out=want)
+            out, importances = self.layers[i](state.x, ctx, want)
         state = state.with_tokens(x=out)
         if hook is None:
             return state
-        return hook(state, {"ssm_out": importance, "hidden": out})
+        return hook(state, {"hidden": out, **importances})
 
-    def _run_block_masked(self, i: int, state: TokenState, want: bool):
+    def _run_block_masked(self, i: int, state: TokenState, want: AbstractSet[str]):
         """Masking alignment: the block runs on the full grid with zero hidden states at pruned positions."""
         L = self.grid[0] * self.grid[1]
         index = flat_index(state.pos, L)
-        out, importance = self.layers[i](put(state.x, index, L), None, want_ssm_out=want)
-        out = take(out, index)
-        return out, None if importance is None else importance.gather(1, state.pos)
+        out, importances = self.layers[i](put(state.x, index, L), None, want)
+        return take(out, index), {k: v.gather(1, state.pos) for k, v in importances.items()}
 
     def classify(self, state: TokenState) -> torch.Tensor:
         h = self.ln1(state.x)

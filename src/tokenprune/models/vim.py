@@ -6,7 +6,7 @@ The mixer also supports the two hidden-state alignments used after pruning (see 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import AbstractSet, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import nn
 from ..pruning import ops
 from ..pruning.state import TokenState, initial_state
 from ..ssm import selective_scan
-from .base import TokenBackbone
+from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 
 
 class RMSNorm(nn.Module):
@@ -98,19 +98,26 @@ class BiMambaMixer(nn.Module):
         return selective_scan(u, delta, A, Bm, Cm, D.float(), z, delta_softplus=False)
 
     def forward(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                want_ssm_out: bool = False):
+                want: AbstractSet[str] = frozenset()):
+        """Mixer output (b, L, D) and the SSM importances named in ``want`` (each (b, L), token order)."""
         h_t = h.transpose(1, 2)  # (b, D, L)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)  # official split of in_proj: x first, then z
         x, z = torch.matmul(w_x, h_t), torch.matmul(w_z, h_t)  # (b, E, L) each, contiguous
         gap_f, gap_b = gaps if gaps is not None else (None, None)
-        y_f = self.scan_fwd(self._direction, x, z, "", gap_f)
-        y_b = self.scan_bwd(self._direction, x.flip(-1), z.flip(-1), "_b", None if gap_b is None else gap_b.flip(-1))
+        ungated = "ssm_out_ungated" in want  # the scan output before the silu(z) gate: gate applied here
+        y_f = self.scan_fwd(self._direction, x, None if ungated else z, "", gap_f)
+        y_b = self.scan_bwd(self._direction, x.flip(-1), None if ungated else z.flip(-1), "_b",
+                            None if gap_b is None else gap_b.flip(-1))
         y_b = y_b.flip(-1)
+        importances = {}
+        if ungated:
+            importances["ssm_out_ungated"] = clipped_channel_sum(y_f, y_b)
+            gate = F.silu(z)
+            y_f, y_b = y_f * gate, y_b * gate
+        if "ssm_out" in want:
+            importances["ssm_out"] = clipped_channel_sum(y_f, y_b)
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
-        if not want_ssm_out:
-            return out, None
-        importance = y_f.float().clamp(min=0).sum(1) + y_b.float().clamp(min=0).sum(1)  # (b, L)
-        return out, importance
+        return out, importances
 
 
 class VimBlock(nn.Module):
@@ -122,16 +129,16 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, h, residual, gaps=None, want_ssm_out=False):
+    def forward(self, h, residual, gaps=None, want: AbstractSet[str] = frozenset()):
         residual = h if residual is None else residual + self.drop_path(h)
         h = self.norm(residual.to(self.norm.weight.dtype))
         residual = residual.float()
-        out, importance = self.mixer(h, gaps=gaps, want_ssm_out=want_ssm_out)
-        return out, residual, importance
+        out, importances = self.mixer(h, gaps=gaps, want=want)
+        return out, residual, importances
 
 
 class VisionMamba(TokenBackbone):
-    signals = {"hidden", "ssm_out"}
+    signals = {"hidden", *SSM_SIGNALS}
     reduction_point = "post"
     is_ssm = True
     has_cls = True
@@ -186,12 +193,11 @@ class VisionMamba(TokenBackbone):
         gaps = state.extras.get("gaps") if align == "gap" else None
         if align == "mask":
             return self._run_block_masked(i, state, hook, needs)
-        out, residual, importance = self.layers[i](state.x, state.residual, gaps=gaps,
-                                                   want_ssm_out="ssm_out" in needs)
+        out, residual, importances = self.layers[i](state.x, state.residual, gaps=gaps, want=needs & SSM_SIGNALS)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
             return state
-        return hook(state, {"ssm_out": importance, "hidden": out})
+        return hook(state, {"hidden": out, **importances})
 
     def _run_block_masked(self, i, state, hook, needs):
         """Masking alignment: pruned positions stay in the scan with zero input (exact decay, no speed-up)."""
@@ -200,14 +206,13 @@ class VisionMamba(TokenBackbone):
         def scatter(t):
             return None if t is None else ops.scatter_to_sequence(t, pos, state.seq_len)
 
-        out, residual, importance = self.layers[i](scatter(state.x), scatter(state.residual),
-                                                   want_ssm_out="ssm_out" in needs)
+        out, residual, importances = self.layers[i](scatter(state.x), scatter(state.residual),
+                                                    want=needs & SSM_SIGNALS)
         out, residual = ops.gather_from_sequence(out, pos), ops.gather_from_sequence(residual, pos)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
             return state
-        signals = {"hidden": out, "ssm_out": None if importance is None else importance.gather(1, pos)}
-        return hook(state, signals)
+        return hook(state, {"hidden": out, **{k: v.gather(1, pos) for k, v in importances.items()}})
 
     def classify(self, state: TokenState) -> torch.Tensor:
         residual = state.x if state.residual is None else state.residual + self.layers[-1].drop_path(state.x)

@@ -46,7 +46,7 @@ class L2Score(Evaluator):
 
 
 class SignalScore(Evaluator):
-    """A score the backbone computes: cls_attn (EViT), attn_received, ssm_out (ToP)."""
+    """A score the backbone computes: cls_attn (EViT), attn_received, ssm_out (ToP), ssm_out_ungated (ablation)."""
 
     def __init__(self, signal: str):
         super().__init__()
@@ -110,7 +110,7 @@ def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optio
         return RandomScore(seed)
     if name == "l2":
         return L2Score()
-    if name in ("cls_attn", "attn_received", "ssm_out"):
+    if name in ("cls_attn", "attn_received", "ssm_out", "ssm_out_ungated"):
         return SignalScore(name)
     if name == "cls_similarity":
         return ClsSimilarityScore()
@@ -122,4 +122,4 @@ def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optio
     raise ValueError(f"unknown evaluator {name!r}; expected one of {sorted(EVALUATORS)}")
 
 
-EVALUATORS = ("random", "l2", "cls_attn", "attn_received", "ssm_out", "cls_similarity", "papr")
+EVALUATORS = ("random", "l2", "cls_attn", "attn_received", "ssm_out", "ssm_out_ungated", "cls_similarity", "papr")

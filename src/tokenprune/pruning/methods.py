@@ -42,9 +42,9 @@ METHODS: Dict[str, MethodSpec] = {
     "utr": MethodSpec({"vit": "cls_attn", "ssm": "ssm_out"}, "utr", "thirds",
                       metric={"vit": "keys", "ssm": "hidden"},
                       doc="UTR: prune the least important, merge the next into similar kept tokens"),
-    "top": MethodSpec({"ssm": "ssm_out"}, "prune", "thirds", families=("ssm",),
+    "top": MethodSpec({"ssm": "ssm_out"}, "prune", "thirds", families=("ssm",), count_rule="even",
                       doc="ToP importance (clipped SSM output) pruning in the layers, no alignment"),
-    "hsa": MethodSpec({"ssm": "ssm_out"}, "prune", "thirds", alignment="gap", families=("ssm",),
+    "hsa": MethodSpec({"ssm": "ssm_out"}, "prune", "thirds", alignment="gap", families=("ssm",), count_rule="even",
                       doc="ToP importance + pruning-aware hidden-state alignment (gap-aware decay)"),
     "papr": MethodSpec({"vit": "papr", "ssm": "papr"}, "prune", "embed",
                        doc="PaPr: proposal ConvNet scores, one step before the encoder"),
@@ -187,6 +187,8 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
         options["metric"] = metric
     if spec.reducer == "evit" and bb.is_ssm:
         options.setdefault("keep_order", True)
+    # ToP's even count centres ViM's middle CLS; without a CLS (PlainMamba) there is nothing to centre
+    count_rule = "round" if spec.count_rule == "even" and not bb.has_cls else spec.count_rule
     stages = []
     for layer in resolve_schedule(layers if layers is not None else spec.schedule, bb.num_layers,
                                   bb.reduction_point):
@@ -196,7 +198,7 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
                              "before the encoder")
         stage = ReductionStage(layer, keep, ev, spec.reducer, smoothing=spec.smoothing, border=border,
                                smoothing_kind=smoothing_kind, alignment=spec.alignment, is_ssm=bb.is_ssm,
-                               count_rule=spec.count_rule, reducer_options=options)
+                               count_rule=count_rule, reducer_options=options)
         bb.check_signals(stage.needs - {"images"}, f"method {method!r} at layer {layer}")
         stages.append(stage)
     if any(s.layer == BEFORE_ENCODER for s in stages) and spec.reducer not in ("prune",):

@@ -26,9 +26,14 @@ class StageTrace:
     cls_index: Optional[int]
 
 
+COUNT_RULES = {"round": ops.keep_count, "ceil": ops.keep_count_ceil, "even": ops.keep_count_even}
+
+
 def count_tokens(n_free: int, keep: float, rule: str = "round") -> int:
-    """Non-protected tokens kept from n_free at a keep ratio (round, or ceil as EViT)."""
-    return ops.keep_count_ceil(n_free, keep) if rule == "ceil" else ops.keep_count(n_free, keep)
+    """Non-protected tokens kept from n_free at a keep ratio: round, ceil (EViT) or even (ToP's official code)."""
+    if rule not in COUNT_RULES:
+        raise ValueError(f"unknown count rule {rule!r}; expected one of {sorted(COUNT_RULES)}")
+    return COUNT_RULES[rule](n_free, keep)
 
 
 class ReductionStage(nn.Module):

@@ -8,8 +8,8 @@ from .alignment import (gap_scale, gap_scaled_delta_B, gather_from_sequence, res
 from .evit import evit_fuse, evit_reduce, evit_select
 from .grid import gather_from_grid, scatter_to_grid
 from .pumer import pumer_reduce
-from .select import (batched_gather, complement_indices, keep_count, keep_count_ceil, protected_count,
-                     topk_indices)
+from .select import (batched_gather, complement_indices, keep_count, keep_count_ceil, keep_count_even,
+                     protected_count, topk_indices)
 from .smoothing import smooth_scores, smoothing_kernel
 from .tome import bipartite_soft_matching, keep_order_permutation, merge_wavg, proportional_attention_bias
 from .utr import merge_into, utr_reduce
@@ -18,7 +18,8 @@ from .visionzip import visionzip_reduce
 __all__ = [
     "scatter_to_grid", "gather_from_grid",
     "smooth_scores", "smoothing_kernel",
-    "topk_indices", "complement_indices", "keep_count", "keep_count_ceil", "protected_count", "batched_gather",
+    "topk_indices", "complement_indices", "keep_count", "keep_count_ceil", "keep_count_even", "protected_count",
+    "batched_gather",
     "evit_select", "evit_fuse", "evit_reduce",
     "bipartite_soft_matching", "merge_wavg", "keep_order_permutation", "proportional_attention_bias",
     "visionzip_reduce",

@@ -38,6 +38,15 @@ def keep_count_ceil(n_tokens: int, keep: float) -> int:
     return max(1, min(n, math.ceil(round(k * n, 9))))
 
 
+def keep_count_even(n_tokens: int, keep: float) -> int:
+    """The official ToP count: ceil(keep * n_tokens), lowered to an even number (at least 1) so the middle CLS
+    has as many kept tokens before it as after it. ViM-S at 0.8 after layers 5, 10, 15: 196 -> 156 -> 124 ->
+    100 patches, i.e. 197 -> 157 -> 125 -> 101 tokens with the CLS, the published sequence. keep 1 keeps
+    every token (no pruning means no pruning, whatever the parity)."""
+    k = keep_count_ceil(n_tokens, keep)
+    return k if k == n_tokens and keep >= 1.0 else max(1, k - k % 2)
+
+
 def protected_count(protected: Optional[torch.Tensor], shape) -> int:
     """Number of protected tokens per row; it must be the same for every row (rectangular batches)."""
     if protected is None:
