@@ -1,6 +1,7 @@
 """Measured speed-up of one-step token pruning vs its FLOPs ratio, for ViM and DeiT, in one run.
 
     python benchmarks/bench_pruning.py [--vim vim_tiny_patch16_224] [--deit deit_tiny_patch16_224] [--batch 8]
+    python benchmarks/bench_pruning.py --device cuda --batch 128 --method l2   # GPU (ViM scans: Triton)
 
 For each backbone: unpruned, and one-step pruning before the encoder (PaPr with a MobileNetV2 proposal
 network, random weights: speed does not depend on them) at 20/30/40/50 % token reduction. images/s of all
@@ -26,6 +27,8 @@ REDUCTIONS = (0.2, 0.3, 0.4, 0.5)
 
 def bench_backbone(name, args, proposal):
     torch.manual_seed(0)
+    if proposal is not None:  # shared by both backbones: the previous one's timing moved it to the device
+        proposal.cpu()
     base = timm.create_model(name)
     variants = {"unpruned": tokenprune.create_model(base)}
     for r in REDUCTIONS:
@@ -33,6 +36,7 @@ def bench_backbone(name, args, proposal):
                                                                                proposal=proposal)
     flops = {k: tokenprune.count_flops(m).total for k, m in variants.items()}
     res = compare_throughput(variants, input_size=(3, 224, 224), batch_size=args.batch, warmup=args.warmup,
+                             device=args.device, dtype=args.dtype,
                              iters=args.iters, reference="unpruned", verbose=True)
     rows = []
     for k in variants:
@@ -53,6 +57,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (GPU: CUDA events, synchronize around the timing)")
+    ap.add_argument("--dtype", default="float32", help="input/model dtype, e.g. float32 or bfloat16")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Selective-scan speed: fast impl vs the plain per-step PyTorch loop, same run.
 
     python benchmarks/bench_scan.py                 # CPU: "cpu" vs "reference"
-    python benchmarks/bench_scan.py --impl cuda --device cuda   # GPU machines
+    python benchmarks/bench_scan.py --impl triton --device cuda   # GPU machines (--impl cuda: mamba-ssm)
 
 Forward is timed under no_grad (inference); fwd+bwd is forward with grad plus
 backward of a fixed random output gradient. The impls are timed interleaved,
@@ -117,8 +117,9 @@ def main():
     torch.set_num_threads(args.threads)
 
     print(f"# bench_scan  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    gpu = f" ({torch.cuda.get_device_name(args.device)}, CUDA {torch.version.cuda})" if args.device.startswith("cuda") else ""
     print(f"# machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
-          f"threads {torch.get_num_threads()}; device {args.device}")
+          f"threads {torch.get_num_threads()}; device {args.device}{gpu}")
     print(f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     impls = ["reference", args.impl]
     print(f"\n| shape (b, E, N, L) | impl | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |")

@@ -167,14 +167,14 @@ def test_dispatch_default_env_and_setter(monkeypatch):
         selective_scan(**xs)
     assert get_scan_impl() == "cpu"
     rep = scan_impl_report()
-    assert rep["counts"] == {"reference": 2, "cpu": 2, "cuda": 0}
+    assert rep["counts"] == {"reference": 2, "cpu": 2, "cuda": 0, "triton": 0}
     assert rep["last"] == "reference"
 
 
 def test_unknown_impl_names_the_value(monkeypatch):
     xs = make_inputs(1, 4, 2, 3)
-    with pytest.raises(ValueError, match="triton.*reference.*cpu.*cuda"):
-        selective_scan(**xs, impl="triton")
+    with pytest.raises(ValueError, match="'mamba'.*reference.*cpu.*cuda.*triton"):
+        selective_scan(**xs, impl="mamba")
     with pytest.raises(ValueError, match="'bogus'"):
         set_scan_impl("bogus")
     monkeypatch.setenv("TOKENPRUNE_SCAN", "fast")

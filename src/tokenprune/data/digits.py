@@ -334,23 +334,49 @@ def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+_worker_assets: Assets | None = None
+
+
+def _init_worker(assets: Assets) -> None:
+    global _worker_assets
+    _worker_assets = assets
+
+
+def _encoded_sample(job: tuple[str, int, int, int]) -> dict:
+    split, i, seed, quality = job
+    img, label, meta = make_sample(_worker_assets, split, i, seed)
+    return {"__key__": f"digits_{split}_{i:07d}", "jpg": _encode_jpeg(img, quality), "cls": label, "json": meta}
+
+
 def iter_samples(assets: Assets, split: str, n: int, seed: int, quality: int = 95,
-                 progress: bool = False) -> Iterator[dict]:
-    it = range(n)
+                 progress: bool = False, workers: int = 1) -> Iterator[dict]:
+    """Samples 0..n-1 in order. Each depends only on (split, index, seed), so ``workers`` processes give
+    the same bytes as one."""
+    jobs = [(split, i, seed, quality) for i in range(n)]
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (assets,))
+        it = pool.imap(_encoded_sample, jobs, chunksize=64)
+    else:
+        _init_worker(assets)
+        it = map(_encoded_sample, jobs)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc=f"digits {split}", unit="img", file=sys.stderr, mininterval=0.5)
-    for i in it:
-        img, label, meta = make_sample(assets, split, i, seed)
-        yield {"__key__": f"digits_{split}_{i:07d}", "jpg": _encode_jpeg(img, quality), "cls": label,
-               "json": meta}
+        it = tqdm(it, total=n, desc=f"digits {split}", unit="img", file=sys.stderr, mininterval=0.5)
+    try:
+        yield from it
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def generate(out: str, train_samples: int = DEFAULT_TRAIN, val_samples: int = DEFAULT_VAL, seed: int = 0,
              train_per_shard: int = 2000, val_per_shard: int = 500, quality: int = 95,
              splits: tuple[str, ...] = ("train", "validation"), progress: bool = True,
-             assets: Assets | None = None) -> dict:
+             assets: Assets | None = None, workers: int = 1) -> dict:
     """Write the shards and ``_info.json`` into ``out``; returns the info dict.
 
     Generating only some ``splits`` keeps the other split's entry of an existing ``_info.json`` (same seed
@@ -384,7 +410,7 @@ def generate(out: str, train_samples: int = DEFAULT_TRAIN, val_samples: int = DE
             if f.startswith(f"digits-{split}-") and f.endswith(".tar"):
                 os.remove(os.path.join(out, f))
         writer = ShardWriter(os.path.join(out, f"digits-{split}-%0{digits_fmt[split]}d.tar"), per_shard[split])
-        writer.write_all(iter_samples(assets, split, counts[split], seed, quality, progress))
+        writer.write_all(iter_samples(assets, split, counts[split], seed, quality, progress, workers))
         table[split] = (writer.filenames, writer.lengths)
     extra = {
         "generator": "tokenprune.data.digits",
@@ -450,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="train,validation", help="comma-separated splits to (re)generate")
     p.add_argument("--contact-sheet", default=None, metavar="PNG",
                    help="also save a 4x4 grid of validation samples with labels")
+    p.add_argument("--workers", type=int, default=1, help="processes (same bytes for any number)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
     info = generate(a.out, a.train_samples, a.val_samples, a.seed, a.train_per_shard, a.val_per_shard,
-                    a.quality, splits, progress=not a.no_progress)
+                    a.quality, splits, progress=not a.no_progress, workers=a.workers)
     dt = time.time() - t0
     for split, entry in info["splits"].items():
         size = sum(os.path.getsize(os.path.join(a.out, f)) for f in entry["filenames"]

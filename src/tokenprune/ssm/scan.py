@@ -1,9 +1,10 @@
 """Run-time dispatch of the selective scan, and the autograd Function around it.
 
-The "cpu" (numba) and "cuda" (mamba-ssm) paths both run inside one
-``torch.autograd.Function`` named ``SelectiveScan``, so ``torch.jit.trace`` (and
-fvcore) sees a single ``prim::PythonOp`` node whose ``pyname()`` is
-"SelectiveScan", whichever kernel ran. "reference" is the plain PyTorch loop.
+The "cpu" (numba), "cuda" (mamba-ssm) and "triton" (our GPU kernels, used on CUDA when
+mamba-ssm is absent) paths all run inside one ``torch.autograd.Function`` named
+``SelectiveScan``, so ``torch.jit.trace`` (and fvcore) sees a single ``prim::PythonOp``
+node whose ``pyname()`` is "SelectiveScan", whichever kernel ran. "reference" is the
+plain PyTorch loop.
 """
 import contextlib
 import os
@@ -14,7 +15,7 @@ import torch
 
 from .reference import selective_scan_reference
 
-IMPLS = ("reference", "cpu", "cuda")
+IMPLS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "TOKENPRUNE_SCAN"
 
 _lock = threading.Lock()
@@ -48,8 +49,10 @@ def get_scan_impl(u=None):
             name = _check_name(env, f"${ENV_VAR}")
     if name is not None or u is None:
         return name or "auto"
-    if u.is_cuda:  # without mamba-ssm the torch loop still runs on the GPU
-        return "cuda" if mamba_available() else "reference"
+    if u.is_cuda:  # mamba-ssm's kernels, else ours in Triton, else the torch loop
+        if mamba_available():
+            return "cuda"
+        return "triton" if triton_available() else "reference"
     return "cpu" if numba_available() else "reference"
 
 
@@ -69,7 +72,7 @@ def scan_impl_report():
     with _lock:
         report = {"last": _state["last"], "counts": dict(_state["counts"])}
     report.update(default=get_scan_impl(), mamba_ssm=mamba_available(),
-                  numba=numba_available())
+                  numba=numba_available(), triton=triton_available())
     if report["numba"] and report["counts"]["cpu"]:
         import numba
         report["numba_threading_layer"] = numba.threading_layer()
@@ -107,6 +110,13 @@ def mamba_available():
     return _mamba_fn() is not None
 
 
+def triton_available():
+    if "triton" not in _cache:
+        from .triton_scan import triton_available as available
+        _cache["triton"] = available()
+    return _cache["triton"]
+
+
 def numba_available():
     if "numba" not in _cache:
         try:
@@ -119,21 +129,31 @@ def numba_available():
 
 # ---- the autograd Function ------------------------------------------------
 
-def _cuda_forward(ctx, args, softplus):
-    # mamba-ssm's public selective_scan_fn is itself an autograd Function; build
-    # its graph on detached leaves here and differentiate it in backward, so
-    # only its stable public API is used (not selective_scan_cuda.fwd/bwd).
+def _gpu_fn(impl):
+    if impl == "cuda":
+        return _mamba_fn()
+    from .triton_scan import triton_selective_scan
+    return triton_selective_scan
+
+
+def _graph_forward(ctx, fn, args, softplus):
+    # mamba-ssm's public selective_scan_fn (and our Triton composite) is itself
+    # differentiable; build its graph on detached leaves here and differentiate it
+    # in backward, so only mamba-ssm's stable public API is used (not
+    # selective_scan_cuda.fwd/bwd).
     with torch.enable_grad():
         leaves = [None if x is None else x.detach().requires_grad_(need)
                   for x, need in zip(args, ctx.needs_input_grad)]
-        out = _mamba_fn()(*leaves, delta_softplus=softplus)
-    ctx.cuda_graph = (leaves, out)
+        out = fn(*leaves, delta_softplus=softplus)
+    if not out.requires_grad:  # no input needs a gradient: keep no graph
+        return out
+    ctx.graph = (leaves, out)
     return out.detach()
 
 
-def _cuda_backward(ctx, gout):
-    leaves, out = ctx.cuda_graph
-    del ctx.cuda_graph
+def _graph_backward(ctx, gout):
+    leaves, out = ctx.graph
+    del ctx.graph
     wanted = [x for x in leaves if x is not None and x.requires_grad]
     grads = iter(torch.autograd.grad(out, wanted, gout) if wanted else ())
     return [next(grads) if x is not None and x.requires_grad else None for x in leaves]
@@ -164,8 +184,8 @@ class SelectiveScan(torch.autograd.Function):
         ctx.impl, ctx.softplus = impl, bool(delta_softplus)
         args = (u, delta, A, B, C, D, z, delta_bias)
         with _quiet_trace():
-            if impl == "cuda":
-                return _cuda_forward(ctx, args, ctx.softplus)
+            if impl in ("cuda", "triton"):
+                return _graph_forward(ctx, _gpu_fn(impl), args, ctx.softplus)
             from .cpu_kernel import cpu_scan_forward
             ctx.save_for_backward(*args)
             out = cpu_scan_forward(*args, delta_softplus=ctx.softplus)
@@ -173,8 +193,8 @@ class SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
-        if ctx.impl == "cuda":
-            grads = _cuda_backward(ctx, gout)
+        if ctx.impl in ("cuda", "triton"):
+            grads = _graph_backward(ctx, gout)
         else:
             from .cpu_kernel import cpu_scan_backward
             args = ctx.saved_tensors
@@ -205,7 +225,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, impl=None):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` semantics (see
-    ``selective_scan_reference``); ``impl`` in {"reference", "cpu", "cuda"} or
+    ``selective_scan_reference``); ``impl`` in {"reference", "cpu", "cuda", "triton"} or
     None for the configured/automatic choice (``get_scan_impl(u)``)."""
     name = get_scan_impl(u) if impl is None else _check_name(impl, "impl argument")
     if not torch.jit.is_tracing():  # traced sizes are tensors: comparing them warns
@@ -215,6 +235,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             "selective_scan impl 'cuda' needs mamba-ssm (pip install -e .[cuda]) and CUDA "
             f"tensors; mamba-ssm importable: {mamba_available()}, u.device: {u.device}. "
             f"Use impl='cpu' or 'reference' (or ${ENV_VAR}) instead.")
+    if name == "triton" and not (triton_available() and (u.is_cuda or _interpreting())):
+        raise RuntimeError(
+            "selective_scan impl 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+            f"tensors); triton usable: {triton_available()}, u.device: {u.device}. "
+            f"Use impl='cpu' or 'reference' (or ${ENV_VAR}) instead.")
     if name == "cpu" and not numba_available():
         raise RuntimeError("selective_scan impl 'cpu' needs numba (pip install numba)")
     _record(name)
@@ -222,6 +247,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     bias_2d = None if delta_bias is None else delta_bias.unsqueeze(-1)
     return SelectiveScan.apply(u, delta, A, B, C, D, z, bias_2d, bool(delta_softplus), name)
+
+
+def _interpreting():
+    from .triton_scan import interpreting
+    return interpreting()
 
 
 def scan_flops(L, E, N, with_D):
