@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenprune.report import ROW_FIELDS, markdown_table, write_report
-from tokenprune.report.plots import dim_pruned, kept_mask, plot_accuracy_vs_gflops
+from tokenprune.report.plots import _short_name, dim_pruned, gflops_panels, kept_mask, plot_accuracy_vs_gflops
 from tokenprune.report.tables import budget_label
 
 HEADER = ["Method", "Keep", "Token reduction", "Params (M)", "GFLOPs", "GFLOPs (ViM paper)", "Top-1", "Δ Top-1",
@@ -108,6 +108,26 @@ def test_markdown_table_without_optional_measurements():
     header = [c.strip() for c in markdown_table(rows).splitlines()[0].strip("|").split("|")]
     assert header == ["Method", "Keep", "Token reduction", "Params (M)", "Top-1", "Δ Top-1", "Top-5"]
     assert plot_accuracy_vs_gflops(rows, "/nonexistent/x.png") is None
+
+
+def test_fine_tuned_entries_share_their_architecture_panel(tmp_path):
+    """Other weights of an architecture are overlaid on its panel, not given a near-empty panel of their own."""
+    rows = [row("Unpruned", top1=80.5), row("PaPr", 0.4, top1=70.0),
+            row("Unpruned", top1=79.0, backbone="ViM-S, fine-tuned at 40 %"),
+            row("PaPr", 0.4, top1=76.0, backbone="ViM-S, fine-tuned at 40 %"),
+            row("Unpruned", top1=79.8, backbone="DeiT-S", model="deit_small_patch16_224")]
+    assert gflops_panels(rows) == [
+        {"title": "ViM-S", "primary": "ViM-S", "overlays": ["ViM-S, fine-tuned at 40 %"]},
+        {"title": "DeiT-S", "primary": "DeiT-S", "overlays": []}]
+    assert _short_name("ViM-S, fine-tuned at 40 %", "ViM-S") == "fine-tuned at 40 %"
+    assert _short_name("other", "ViM-S") == "other" and _short_name("ViM-S", "ViM-S") == "ViM-S"
+    import matplotlib.image
+
+    path = plot_accuracy_vs_gflops(rows, str(tmp_path / "f.png"))
+    two_panels = matplotlib.image.imread(path)
+    rows_split = [dict(r, model=r["backbone"]) for r in rows]  # three architectures -> three panels, wider figure
+    wide = matplotlib.image.imread(plot_accuracy_vs_gflops(rows_split, str(tmp_path / "g.png")))
+    assert wide.shape[1] > two_panels.shape[1]
 
 
 def test_budget_labels():

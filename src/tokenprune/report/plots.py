@@ -1,4 +1,4 @@
-"""Report figures: accuracy vs GFLOPs (one panel per backbone) and the kept patches of a few images."""
+"""Report figures: accuracy vs GFLOPs (one panel per architecture) and the kept patches of a few images."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["plot_accuracy_vs_gflops", "plot_kept_patches", "kept_mask", "dim_pruned"]
+__all__ = ["plot_accuracy_vs_gflops", "gflops_panels", "plot_kept_patches", "kept_mask", "dim_pruned"]
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "<", ">"]
 
@@ -20,10 +20,36 @@ def _plt():
     return plt
 
 
+def gflops_panels(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Group report entries into figure panels: one panel per architecture (row ``model``).
+
+    The first entry of an architecture owns the panel (its unpruned star and method lines); later entries of the
+    same architecture (other weights, e.g. the papers' fine-tuned rows) are overlaid on it, so that fine-tuned and
+    training-free points share axes. Returns [{"title", "primary", "overlays": [entry names]}] in report order.
+    """
+    panels: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        arch = r.get("model") or r["backbone"]
+        panel = panels.setdefault(arch, {"title": r["backbone"], "primary": r["backbone"], "overlays": []})
+        if r["backbone"] != panel["primary"] and r["backbone"] not in panel["overlays"]:
+            panel["overlays"].append(r["backbone"])
+    return list(panels.values())
+
+
+def _short_name(entry: str, primary: str) -> str:
+    """'ViM-micro, ToP+HSA fine-tuned at 40 %' on the 'ViM-micro' panel -> 'ToP+HSA fine-tuned at 40 %'."""
+    if not entry.startswith(primary):
+        return entry
+    return entry[len(primary):].lstrip(" ,:-") or entry
+
+
 def plot_accuracy_vs_gflops(rows: List[Dict[str, Any]], path: str, title: Optional[str] = None) -> Optional[str]:
     """Top-1 vs GFLOPs: a line per method, a marker shape per budget, the unpruned model as a star.
 
-    Returns None (and writes nothing) when no row has GFLOPs (FLOP counting was off).
+    One panel per architecture (``gflops_panels``); entries with other weights of the same architecture are drawn
+    on it as hollow markers with a dashed line, labelled with their entry name (their unpruned accuracy is in the
+    tables, not on the figure, where it would sit on the panel's star). Returns None (and writes nothing) when no
+    row has GFLOPs (FLOP counting was off).
     """
     rows = [r for r in rows if r.get("gflops") is not None and r.get("top1") is not None]
     if not rows:
@@ -31,34 +57,48 @@ def plot_accuracy_vs_gflops(rows: List[Dict[str, Any]], path: str, title: Option
     plt = _plt()
     from matplotlib.lines import Line2D
 
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    panels = gflops_panels(rows)
     labels = list(dict.fromkeys(r["label"] for r in rows if not r.get("unpruned")))
     budgets = list(dict.fromkeys((r.get("budget_mode"), r.get("budget")) for r in rows if not r.get("unpruned")))
     budgets_sorted = sorted(budgets, key=lambda b: (b[0] or "", b[1] if b[1] is not None else 0))
     marker = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(budgets_sorted)}
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     color = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
-    n = len(backbones)
+    n = len(panels)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols + 2.6, 4.4 * nrows), squeeze=False)
-    for ax, bb in zip(axes.flat, backbones):
-        sub = [r for r in rows if r["backbone"] == bb]
-        base = next((r for r in sub if r.get("unpruned")), None)
+
+    def method_lines(ax, sub, overlay_name=None):
         for lab in labels:
             pts = sorted((r for r in sub if r["label"] == lab and not r.get("unpruned")), key=lambda r: r["gflops"])
             if not pts:
                 continue
-            ax.plot([r["gflops"] for r in pts], [r["top1"] for r in pts], "-", color=color[lab], lw=1.6, alpha=0.85)
+            ax.plot([r["gflops"] for r in pts], [r["top1"] for r in pts], "--" if overlay_name else "-",
+                    color=color[lab], lw=1.6, alpha=0.85)
             for r in pts:
-                ax.plot(r["gflops"], r["top1"], marker[(r.get("budget_mode"), r.get("budget"))], color=color[lab],
-                        ms=7, mec="white", mew=0.8)
+                face = "white" if overlay_name else color[lab]
+                edge = color[lab] if overlay_name else "white"
+                ax.plot(r["gflops"], r["top1"], marker[(r.get("budget_mode"), r.get("budget"))], mfc=face,
+                        mec=edge, mew=2.0 if overlay_name else 0.8, ms=8 if overlay_name else 7, zorder=4)
+            if overlay_name:
+                ax.annotate(f"{overlay_name}: {pts[-1]['top1']:.1f}", (pts[-1]["gflops"], pts[-1]["top1"]),
+                            textcoords="offset points", xytext=(8, 4), ha="left", va="bottom", fontsize=8,
+                            color=color[lab], zorder=6,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+
+    for ax, panel in zip(axes.flat, panels):
+        sub = [r for r in rows if r["backbone"] == panel["primary"]]
+        method_lines(ax, sub)
+        for entry in panel["overlays"]:
+            method_lines(ax, [r for r in rows if r["backbone"] == entry], _short_name(entry, panel["primary"]))
+        base = next((r for r in sub if r.get("unpruned")), None)
         if base is not None:
             ax.plot(base["gflops"], base["top1"], "*", color="black", ms=16, mec="white", mew=0.8, zorder=5)
             ax.axhline(base["top1"], color="black", lw=0.8, ls=":", alpha=0.6)
             ax.annotate(f"unpruned {base['top1']:.1f}", (base["gflops"], base["top1"]), textcoords="offset points",
                         xytext=(-10, 4), ha="right", va="bottom", fontsize=8.5)
-        ax.set_title(bb, fontsize=12)
+        ax.set_title(panel["title"], fontsize=12)
         ax.set_xlabel("GFLOPs (fvcore, all ops, batch 1)", fontsize=10)
         ax.set_ylabel("Top-1 (%)", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -71,6 +111,9 @@ def plot_accuracy_vs_gflops(rows: List[Dict[str, Any]], path: str, title: Option
     handles += [Line2D([], [], color=color[lab], marker="o", lw=1.6, ms=6, label=lab) for lab in labels]
     handles += [Line2D([], [], color="grey", marker=marker[b], ls="", ms=7, label=budget_label(*b))
                 for b in budgets_sorted]
+    if any(p["overlays"] for p in panels):
+        handles.append(Line2D([], [], color="grey", marker="o", ls="--", mfc="white", mew=2.0, ms=7,
+                              label="other weights (labelled)"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0 - 2.5 / fig.get_figwidth(), 0.5),
                fontsize=9, frameon=False)
     if title:
