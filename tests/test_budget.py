@@ -64,6 +64,17 @@ def test_short_keep_and_edge_cases(backbones):
     assert solve_keep("deit_test_patch4_32", "evit", 0.3) == solve_keep(backbones["deit"], "evit", 0.3)
 
 
+def test_first_step_below_keep_one_is_not_rounded_up_to_no_pruning():
+    """7x7 grid + CLS, ToP's even token counts: the smallest step drops one token and ends just under keep 1.
+    The solver must return a keep inside that step, not 1.0 (which prunes nothing)."""
+    bb = as_backbone(timm.create_model("vim_micro_patch8_56"))
+    keep = solve_keep(bb, "top", 0.015)
+    assert keep < 1.0
+    model = tokenprune.create_model(bb, "top", keep=keep)
+    assert model.token_reduction() == pytest.approx(0.015)
+    assert min(model.tokens_per_block()) == bb.seq_len - 1
+
+
 def test_unreachable_target_warns_and_gives_the_closest(backbones):
     bb = backbones["vim"]  # ToMe merges at most half the tokens of a block: 4 blocks cannot lose 60 %
     with pytest.warns(UserWarning, match="closest reachable"):

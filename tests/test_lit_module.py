@@ -208,6 +208,18 @@ def test_distillation_from_a_separate_convnet_teacher(tmp_path):
     again = PruningClassifier.load_from_checkpoint(path)  # teacher rebuilt from its file
     with torch.no_grad():
         assert torch.equal(again.teacher(x), convnet(x))
+    assert again._teacher_changed is None  # the same teacher: resuming goes on
+    quiet_trainer(tmp_path / "resume", max_steps=3, limit_val_batches=0).fit(
+        again, DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=str(path))
+    # the teacher file changed since: evaluating still loads, resuming training is refused
+    with torch.no_grad():
+        next(convnet.parameters()).add_(1e-3)
+    torch.save({"model": convnet.state_dict()}, weights)
+    changed = PruningClassifier.load_from_checkpoint(path)
+    assert "not the one this checkpoint was trained with" in changed._teacher_changed
+    with pytest.raises(RuntimeError, match="restore that file or start a new run"):
+        quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(
+            changed, DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=str(path))
 
 
 def test_distillation_teacher_arguments_are_checked(tmp_path):
@@ -225,6 +237,21 @@ def test_distillation_teacher_arguments_are_checked(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="head"):
         PruningClassifier("deit_test_patch4_32", distill="hard", distill_teacher="papr_convnet_micro",
                           distill_teacher_checkpoint=str(weights))
+    # a student with the teacher's (non-default) class count gets that teacher, loaded exactly
+    m5 = PruningClassifier("deit_test_patch4_32", num_classes=5, distill="hard",
+                           distill_teacher="papr_convnet_micro", distill_teacher_checkpoint=str(weights))
+    assert m5.teacher.num_classes == 5
+    sd = torch.load(weights, weights_only=True)["model"]
+    assert all(torch.equal(v, sd[k]) for k, v in m5.teacher.state_dict().items())
+    # a stock timm teacher too: its 5-class head is read from the file, not re-initialised by timm
+    torch.manual_seed(1)
+    resnet = timm.create_model("test_resnet", num_classes=5).eval()
+    torch.save(resnet.state_dict(), tmp_path / "r5.pth")
+    m5 = PruningClassifier("deit_test_patch4_32", num_classes=5, distill="logits", distill_teacher="test_resnet",
+                           distill_teacher_checkpoint=str(tmp_path / "r5.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m5.teacher(x), resnet(x))
 
 
 # ---------------------------------------------------------------------------------------------- callbacks

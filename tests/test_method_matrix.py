@@ -183,11 +183,17 @@ def test_top_with_the_ungated_score_keeps_what_that_score_ranks_highest(backbone
 
         for i in range(first + 1):
             state = vim.run_block(i, state, Hook() if i == first else None)
-        kept = ungated.stages[0](state, seen).pos
+        out = ungated.stages[0](state, seen)
+    kept = out.pos
     score = seen["ssm_out_ungated"].clone()
     score[:, state.cls_index] = float("inf")  # CLS is always kept
     n = kept.shape[1]
-    expected = score.topk(n, dim=1).indices.sort(dim=1).values
-    assert torch.equal(kept, state.pos.gather(1, expected))
+    expected = state.pos.gather(1, score.topk(n, dim=1).indices)
+    # the same tokens (where CLS lands is the scan-order rule's business: checked separately)
+    assert torch.equal(kept.sort(dim=1).values, expected.sort(dim=1).values)
+    cls_pos = state.pos[:, state.cls_index]
+    assert out.cls_index == n // 2 and torch.equal(kept[:, out.cls_index], cls_pos)
+    patches = torch.cat([kept[:, :out.cls_index], kept[:, out.cls_index + 1:]], dim=1)
+    assert torch.equal(patches, patches.sort(dim=1).values)  # patches stay in scan order
     with pytest.raises(ValueError, match="ssm_out_ungated"):
         tokenprune.create_model(backbones["deit"], "random", keep=0.5, evaluator="ssm_out_ungated", layers=[1])

@@ -88,13 +88,17 @@ def _step_bounds(f: Callable[[float], tuple], keep: float, key: tuple) -> Tuple[
 
 
 def _short_keep(left: float, right: float) -> float:
-    """The keep ratio with the fewest decimals in [left, right], nearest the middle of the interval."""
-    if right >= 1.0 - 1e-12:
+    """The keep ratio with the fewest decimals in [left, right], nearest the middle of the interval.
+
+    right == 1.0 only when keep 1.0 itself is in the step (`_step_bounds`); otherwise the answer stays below 1,
+    even when the step ends a hair under it (an odd patch count whose first step drops a single token)."""
+    if right == 1.0:
         return 1.0
     mid = (left + right) / 2
     for digits in range(1, 10):
         scale = 10 ** digits
-        lo_i, hi_i = math.ceil(left * scale - 1e-9), math.floor(right * scale + 1e-9)
+        lo_i = math.ceil(left * scale - 1e-9)
+        hi_i = min(math.floor(right * scale + 1e-9), scale - 1)
         if lo_i <= hi_i:
             best = min(range(lo_i, hi_i + 1), key=lambda i: abs(i / scale - mid))
             value = round(best / scale, digits)

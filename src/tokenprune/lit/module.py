@@ -35,7 +35,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..envpaths import expand_env
-from ..models.checkpoint import CheckpointMismatchError, load_strict, torch_load_trusted
+from ..models.checkpoint import CheckpointMismatchError, load_strict, torch_load_trusted, weights_fingerprint
 from ..pruning import create_model
 from ..pruning.stage import PrunedModel
 
@@ -310,7 +310,13 @@ class PruningClassifier(L.LightningModule):
             path = expand_path(checkpoint, "distill_teacher_checkpoint")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"model.distill_teacher_checkpoint not found: {path!r}")
-            teacher = timm.create_model(name, **official_checkpoint_kwargs(name, path))
+            kwargs = official_checkpoint_kwargs(name, path)
+            # built with the student's class count, so a mismatching file fails the strict load (naming the head)
+            # instead of timm silently re-initialising a stock model's classifier
+            kwargs["num_classes"] = n_cls
+            if "pretrained_cfg_overlay" in kwargs:
+                kwargs["pretrained_cfg_overlay"]["num_classes"] = n_cls
+            teacher = timm.create_model(name, **kwargs)
             out = getattr(teacher, "num_classes", n_cls)
             if out != n_cls:
                 raise ValueError(f"distill_teacher {name!r} has {out} classes, the student {n_cls}")
@@ -455,17 +461,34 @@ class PruningClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_top1, self.test_top5, self.test_loss, "test")
 
+    def on_train_start(self) -> None:
+        # resuming with another teacher would silently train towards other targets: refuse it
+        if getattr(self, "_teacher_changed", None):
+            raise RuntimeError(self._teacher_changed + ": restore that file or start a new run")
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]  # rebuilt from checkpoint_file; no need to store a second copy of the backbone
         checkpoint["tokenprune"] = {"base_seed": self.base_seed}
+        if self.teacher is not None:  # the teacher is not stored: remember which one it was
+            checkpoint["tokenprune"]["teacher_sha256"] = weights_fingerprint(self.teacher)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict")
         if sd is not None and self.teacher is not None and not any(k.startswith("teacher.") for k in sd):
             sd.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        saved_teacher = checkpoint.get("tokenprune", {}).get("teacher_sha256")
+        self._teacher_changed = None
+        if saved_teacher is not None and self.teacher is not None:
+            now = weights_fingerprint(self.teacher)
+            if now != saved_teacher:
+                where = self.hparams.get("distill_teacher_checkpoint") or self.hparams.get("checkpoint_file")
+                self._teacher_changed = (f"the distillation teacher rebuilt from {where!r} is not the one this "
+                                         f"checkpoint was trained with (weights sha256 {now[:12]}..., "
+                                         f"saved {saved_teacher[:12]}...)")
+                log.warning("%s; evaluating is fine, resuming training is refused", self._teacher_changed)
         saved = checkpoint.get("tokenprune", {}).get("base_seed")
         if saved is not None:
             if self.base_seed is not None and self.base_seed != saved:

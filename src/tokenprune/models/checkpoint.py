@@ -1,6 +1,7 @@
 """Reading official checkpoint files and loading them strictly, with errors that list what does not fit."""
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -81,3 +82,14 @@ def load_checkpoint_file(model: torch.nn.Module, path: str, filter_fn: Optional[
         state_dict = filter_fn(state_dict, model)
     load_strict(model, state_dict, source=path)
     return model
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes and values): tells whether two builds of a
+    network, e.g. a distillation teacher rebuilt from its file on resume, hold the same weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
