@@ -287,3 +287,41 @@ def test_per_backbone_methods_and_reductions(files, tmp_path):
     with pytest.raises(ValueError, match="keep ratios in"):
         run_grid(grid_config(files, tmp_path, backbones=[BackboneEntry("vim_test_patch4_32", reductions=[1.5])],
                              **kw))
+
+
+def test_throughput_of_chosen_budgets_only(files, tmp_path):
+    """throughput.reductions: the unpruned model and those budgets are timed in one run, the others show –;
+    a backbone left with only its unpruned model is not timed; a value that is no budget is refused."""
+    ck = files["ckpt"]
+    cfg = grid_config(files, tmp_path, methods=["tome", "evit"], max_samples=8, flops=False,
+                      backbones=[BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D"),
+                                 BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D-0.2",
+                                               methods=["tome"], reductions=[0.2], visualize=False)],
+                      throughput=ThroughputConfig(batch_size=2, warmup=0, iters=2, reductions=[0.4]))
+    result = run_grid(cfg)
+    timed = {(r["backbone"], r["label"], r["budget"]) for r in result["rows"] if r["speedup"] is not None}
+    assert timed == {("D", "Unpruned", None), ("D", "ToMe", 0.4), ("D", "EViT", 0.4)}
+    assert all(r["images_per_s"] is None for r in result["rows"] if r["backbone"] == "D-0.2")
+    md = open(os.path.join(tmp_path, "results.md")).read()
+    assert "timed: the unpruned model and the 40 % token reduction rows (the other rows: –)" in md
+    with pytest.raises(ValueError, match=r"throughput.reductions \[0.3\] are not budgets of the grid"):
+        run_grid(grid_config(files, tmp_path, throughput=ThroughputConfig(reductions=[0.3])))
+
+
+def test_kept_patches_figure_is_redrawn_only_when_it_changes(files, tmp_path, monkeypatch):
+    """The report is rewritten after every backbone; kept_patches.png only when a backbone adds pictures."""
+    from tokenprune import report
+
+    drawn = []
+    real = report.plot_kept_patches
+    monkeypatch.setattr(report, "plot_kept_patches", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    ck = files["ckpt"]
+    cfg = grid_config(files, tmp_path, methods=["tome"], max_samples=8, flops=False,
+                      throughput=ThroughputConfig(enabled=False),
+                      backbones=[BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D"),
+                                 BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D2",
+                                               visualize=False),
+                                 BackboneEntry("vim_test_patch4_32", ck["vim_test_patch4_32"], name="V")])
+    result = run_grid(cfg)
+    assert len(drawn) == 2  # after D and after V, not after D2
+    assert "kept_patches.png" in result["plots"] and os.path.isfile(tmp_path / "kept_patches.png")

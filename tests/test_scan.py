@@ -218,6 +218,16 @@ def test_jit_trace_shows_one_python_op():
     torch.testing.assert_close(traced(u, B, C), model(u, B, C))
     u2, B2, C2 = torch.randn(3, 6, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8)
     torch.testing.assert_close(traced(u2, B2, C2), model(u2, B2, C2))  # re-runs the kernel
+    # with grad the tracer records the body of the op into its subgraph; without grad (FLOP counting) the
+    # body is not recorded (it cost half of counting a ViM), and the traced model is the same
+    body = {n.kind() for n in ops[0].g("Subgraph").nodes()}
+    assert "aten::softplus" in body
+    with torch.no_grad():
+        fast = torch.jit.trace(model, (u, B, C), check_trace=False)
+        ops = [n for n in fast.graph.nodes() if n.kind() == "prim::PythonOp"]
+        assert [n.pyname() for n in ops] == ["SelectiveScan"]
+        assert not {n.kind() for n in ops[0].g("Subgraph").nodes()} & {"aten::softplus", "aten::sigmoid"}
+        torch.testing.assert_close(fast(u2, B2, C2), model(u2, B2, C2))
 
 
 def test_scan_flops():

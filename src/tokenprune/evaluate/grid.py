@@ -149,6 +149,12 @@ def _validate(variants: List[Variant], dm, cfg: EvalConfig, device: torch.device
     return {"samples": seen, "seconds": time.perf_counter() - t0, "visual": visual}
 
 
+def _is_timed(v: Variant, reductions: Optional[List[float]]) -> bool:
+    """Whether throughput measures this variant: the unpruned one always, the others when their budget is
+    one of ``throughput.reductions`` (None: all)."""
+    return v.method is None or reductions is None or any(abs(v.budget - r) < 1e-9 for r in reductions)
+
+
 def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.device, progress: bool = True):
     """Rows (one per variant) and the visual of one backbone."""
     from ..models.proposal import build_proposal
@@ -177,9 +183,10 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
                          f"{dm.image_size}x{dm.image_size}; set data.image_size (or the backbone's data: override)")
     val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress, draw=entry.visualize)
     tput: Dict[str, Any] = {"models": {}, "speedup": {}, "speedup_rounds": {}}
-    if cfg.throughput.enabled:
+    timed = [v for v in variants if _is_timed(v, cfg.throughput.reductions)]
+    if cfg.throughput.enabled and len(timed) > 1:  # the unpruned reference alone has no speed-up to give
         tdev = resolve_device(cfg.throughput.device) if cfg.throughput.device else device
-        models = {v.key: v.model.to(tdev) for v in variants}
+        models = {v.key: v.model.to(tdev) for v in timed}
         if progress:
             print(f"[eval] {name}: measuring throughput of {len(models)} variants in one run on {tdev} "
                   f"(batch {cfg.throughput.batch_size}, {cfg.throughput.warmup}+{cfg.throughput.iters} iters)",
@@ -258,7 +265,8 @@ def run_grid(cfg: EvalConfig, config_text: Optional[str] = None, command: Option
         result["backbones"].append(info)
         if visual is not None:
             result["visuals"][info["name"]] = visual
-        result["files"] = write_report(result, out)  # rewritten after every backbone: partial results survive
+        # rewritten after every backbone, so partial results survive an interruption
+        result["files"] = write_report(result, out, redraw_kept_patches=visual is not None or "files" not in result)
     result["output_dir"] = out
     return result
 

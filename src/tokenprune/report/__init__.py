@@ -15,16 +15,21 @@ __all__ = ["write_report", "write_tables", "markdown_report", "markdown_table", 
            "plot_accuracy_vs_gflops", "plot_kept_patches", "ROW_FIELDS", "TABLE_COLUMNS"]
 
 
-def write_report(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """Write every report file into out_dir; returns their paths (plots first, so results.md can link them)."""
+def write_report(result: Dict[str, Any], out_dir: str, redraw_kept_patches: bool = True) -> List[str]:
+    """Write every report file into out_dir; returns their paths (plots first, so results.md can link them).
+
+    ``redraw_kept_patches=False`` keeps an existing kept_patches.png: the grid rewrites the report after every
+    backbone, and that figure (seconds to draw) only changes when a backbone adds pictures."""
     os.makedirs(out_dir, exist_ok=True)
     plots = []
     p = plot_accuracy_vs_gflops(result.get("rows", []), os.path.join(out_dir, "accuracy_vs_gflops.png"))
     if p:
         plots.append(p)
-    grids = {b["name"]: tuple(b["grid"]) for b in result.get("backbones", [])}
-    p = plot_kept_patches(result.get("visuals") or {}, grids, os.path.join(out_dir, "kept_patches.png"))
-    if p:
-        plots.append(p)
+    kept = os.path.join(out_dir, "kept_patches.png")
+    if redraw_kept_patches or not os.path.isfile(kept):
+        grids = {b["name"]: tuple(b["grid"]) for b in result.get("backbones", [])}
+        kept = plot_kept_patches(result.get("visuals") or {}, grids, kept)
+    if kept:
+        plots.append(kept)
     result["plots"] = [os.path.basename(p) for p in plots]
     return write_tables(result, out_dir) + plots

@@ -140,7 +140,10 @@ def markdown_report(result: Dict[str, Any]) -> str:
     if tp.get("enabled", True):
         out.append(f"- **Throughput**: device {tp.get('device') or meta.get('machine', {}).get('device')}, "
                    f"{tp.get('dtype')}, batch {tp.get('batch_size')}, {tp.get('warmup')} warm-up + "
-                   f"{tp.get('iters')} timed iterations per model, all variants of a backbone interleaved in one run")
+                   f"{tp.get('iters')} timed iterations per model, all variants of a backbone interleaved in one run"
+                   + ("; timed: the unpruned model and the "
+                      + ", ".join(budget_label(meta.get("budget_mode"), r) for r in tp["reductions"])
+                      + " rows (the other rows: –)" if tp.get("reductions") is not None else ""))
     else:
         out.append("- **Throughput**: not measured")
     mode = meta.get("budget_mode")

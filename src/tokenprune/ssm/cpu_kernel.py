@@ -15,6 +15,7 @@ import numpy as np
 import numba
 import torch
 import torch.nn.functional as F
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
@@ -50,15 +51,18 @@ def _jit(**kw):
 
 
 @intrinsic
-def _int_bits_as_f32(typingctx, x):
-    # Reinterpret int32 bits as float32 (2^k construction); a plain bitcast,
-    # which keeps the exp loop vectorisable (ldexp would be a libm call).
-    if x != types.int32:
+def _pow2(typingctx, k):
+    # 2**k for an integral float32 k in the normal range [-126, 127] (the clamps below keep it there), built from the exponent bits in 32-bit integer ops.
+    # numba would widen int32 arithmetic to int64, and float -> int64 conversion has no AVX2 instruction:
+    # that made the exp loop scalar on AVX2-only CPUs (1.4-1.7x slower scans than with this intrinsic).
+    if k != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-    return types.float32(types.int32), codegen
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+    return types.float32(types.float32), codegen
 
 
 def _exp(x):  # pure-python stand-in; the numba overload below is what runs
@@ -78,7 +82,7 @@ def _exp_overload(x):
             r = r - k * _LN2_LO
             p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
             p = p * r * r + r + _ONE
-            return p * _int_bits_as_f32(np.int32((np.int64(k) + 127) << 23))
+            return p * _pow2(k)
         return impl
     return lambda x: np.exp(x)
 

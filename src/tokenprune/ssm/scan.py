@@ -160,30 +160,38 @@ def _graph_backward(ctx, gout):
 
 
 @contextlib.contextmanager
-def _quiet_trace():
-    """Under torch.jit.trace the Function is one prim::PythonOp that re-runs this
-    Python code on every call; the tracer still walks the numpy internals and
-    warns that they are constants, which is harmless here, so silence that."""
-    if not torch.jit.is_tracing():
+def _quiet_trace(untraced: bool):
+    """Under torch.jit.trace the Function is one prim::PythonOp (what the FLOP handle counts), and the tracer
+    also records the ops of its forward into a subgraph of that node, warning that the numpy round trips
+    are constants. ``untraced`` (tracing without grad, as FLOP counting does) stops recording them: that
+    took half the time of counting a ViM's FLOPs. With grad the subgraph must see the output made, so the
+    ops stay recorded and only the warnings are silenced."""
+    state = torch._C._get_tracing_state()
+    if state is None:
         yield
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        yield
+    if untraced:
+        torch._C._set_tracing_state(None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 class SelectiveScan(torch.autograd.Function):
     """One Function for the fast paths (fvcore: prim::PythonOp.SelectiveScan)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, untraced=False):
         # delta_bias arrives as (E, 1) so the FLOP handle, which sees only the tensor inputs, can tell it
         # from D (E,) when some optional inputs are None
         ctx.bias_shape = None if delta_bias is None else delta_bias.shape
         delta_bias = None if delta_bias is None else delta_bias.reshape(-1)
         ctx.impl, ctx.softplus = impl, bool(delta_softplus)
         args = (u, delta, A, B, C, D, z, delta_bias)
-        with _quiet_trace():
+        with _quiet_trace(untraced):
             if impl in ("cuda", "triton"):
                 return _graph_forward(ctx, _gpu_fn(impl), args, ctx.softplus)
             from .cpu_kernel import cpu_scan_forward
@@ -204,7 +212,7 @@ class SelectiveScan(torch.autograd.Function):
         grads = list(grads)
         if grads[7] is not None:
             grads[7] = grads[7].reshape(ctx.bias_shape)  # the (E, 1) the op was given
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
@@ -246,7 +254,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     bias_2d = None if delta_bias is None else delta_bias.unsqueeze(-1)
-    return SelectiveScan.apply(u, delta, A, B, C, D, z, bias_2d, bool(delta_softplus), name)
+    untraced = torch.jit.is_tracing() and not torch.is_grad_enabled()  # inside forward grad is always off
+    return SelectiveScan.apply(u, delta, A, B, C, D, z, bias_2d, bool(delta_softplus), name, untraced)
 
 
 def _interpreting():
