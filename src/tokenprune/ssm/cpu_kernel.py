@@ -8,17 +8,16 @@ of all its channels' states h[n, :] at a step is a contiguous vector loop with n
 channel-major (b, E, L) layout of the callers: transposing whole tensors in torch was slower. Blocks of
 channels let a batch of one use every thread too.
 
-Backward: one channel at a time, with the state dimension N as the vector loop. It recomputes the states of
-one channel into a local (L+1) x N buffer and runs the reverse recurrence; dA/dB/dC/dD/dbias are shared
-between channels (or batch rows), so each parallel chunk accumulates into its own slice and the slices are
-summed afterwards (no races). B and C are read transposed, (b, L, N).
+Backward: the same channel lanes. Each item runs its block's forward again keeping every state and decay
+(blocks of at most 64 channels keep that to a few MB), then the reverse recurrence; gradients of what the
+channels share (A per batch row, B, C, D, the bias) go to per-item partial slices that are summed afterwards,
+so there are no write races.
 
 float32 is the fast path; float64 works too (scalar numpy math) so gradcheck can verify the backward.
 """
 import numpy as np
 import numba
 import torch
-import torch.nn.functional as F
 from numba import njit, prange
 
 from .vecmath import vexp as _exp
@@ -31,6 +30,10 @@ _ZERO64 = np.float64(0.0)
 _ONE = np.float32(1.0)
 _LANES = 16  # channel blocks of the forward are multiples of this (two AVX-512 / four AVX2 vectors)
 _TILE = 64  # time steps the forward moves token-major at a time (a few 100 KB: stays in L2)
+# the backward keeps every state and decay of its block: at most 64 channels and about 4 MB (measured: 64
+# channels best at L=197, 1.6 MB; at L=1024 32 channels, 4.2 MB, beat 64 channels, 8.4 MB, by 2.6x)
+_BACKWARD_CHANNELS = 64
+_BACKWARD_BYTES = 4 << 20
 
 
 def _jit(**kw):
@@ -109,89 +112,132 @@ def scan_fwd_kernel(u, delta, bias, At, B, C, D, z, softplus, block, tile, out):
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def scan_bwd_kernel(u, dt, dsp, A, Bt, Ct, D, z, zsig, gout, nchunks,
-                    du, ddelta, dz, dA_p, dBt_p, dCt_p, dD_p, dbias_p):
-    """Gradients. dsp = d softplus / d pre (empty: no softplus). Outputs named
-    *_p have a leading chunk axis, must be zeroed, and are summed by the caller.
-
-    LLVM cannot prove that numba arrays do not alias, and gives up vectorising
-    loops that write several arrays; so every hot loop writes one array, and
-    the recurrence runs on small local vectors copied into the row buffers.
-    """
+def scan_bwd_kernel(u, delta, bias, At, B, C, D, z, gout, softplus, block,
+                    du, ddelta, dz, dA_p, dB_p, dC_p, dD_p, dbias_p):
+    """Gradients, inputs as scan_fwd_kernel's plus gout (b, E, L). Per (batch row, block of channels): the
+    forward again, keeping every state and decay of the block (a few MB at most: blocks are small), then the
+    reverse recurrence, channels as the vector lanes. Partial sums of shared gradients go to slices no other
+    item writes: dA_p (b, N, E), dD_p / dbias_p (b, E), dB_p / dC_p (blocks, b, N, L); the caller sums them."""
     nb, ne, L = u.shape
-    nn = A.shape[1]
-    has_D, has_z, has_sp = D.shape[0] > 0, z.shape[0] > 0, dsp.shape[0] > 0
-    nitems = nb * ne
-    for c in prange(nchunks):
-        hs = np.zeros((L + 1, nn), u.dtype)  # hs[t + 1] = h_t; hs[0] = h_{-1} = 0
-        ga = np.zeros((L + 1, nn), u.dtype)  # a_t = exp(dt_t A), then a_t * dL/dh_t; row L = 0
-        dys = np.empty(L, u.dtype)           # dL/dy_t (y before the gate)
-        a = np.empty(nn, u.dtype)
-        h = np.empty(nn, u.dtype)
-        dA_loc = np.empty(nn, u.dtype)
-        for i in range(c * nitems // nchunks, (c + 1) * nitems // nchunks):
-            b, e = i // ne, i % ne
-            h[:] = 0
-            for t in range(L):  # recompute the forward states
-                d = dt[b, e, t]
-                for n in range(nn):
-                    a[n] = _exp(d * A[e, n])
-                dtu = d * u[b, e, t]
-                y = _ZERO
-                for n in range(nn):
-                    h[n] = a[n] * h[n] + dtu * Bt[b, t, n]
-                    y += Ct[b, t, n] * h[n]
-                for n in range(nn):
-                    ga[t, n] = a[n]
-                    hs[t + 1, n] = h[n]
-                dy = gout[b, e, t]
-                if has_z:  # d(y z sig(z))/dz = y sig (1 + z (1 - sig))
-                    if has_D:
-                        y += D[e] * u[b, e, t]
-                    zt, sg = z[b, e, t], zsig[b, e, t]
-                    dz[b, e, t] = dy * y * sg * (_ONE + zt * (_ONE - sg))
-                    dy = dy * zt * sg
-                dys[t] = dy
-            dD_acc = _ZERO64  # long scalar sums over L: accumulate in float64
-            dbias_acc = _ZERO64
-            for t in range(L - 1, -1, -1):  # reverse recurrence
-                dy = dys[t]
-                ut = u[b, e, t]
-                s_ha = _ZERO  # d/d(dt) through exp(dt A)
-                s_gb = _ZERO  # d/d(dt u) through dt B u
-                for n in range(nn):
-                    gh = dy * Ct[b, t, n] + ga[t + 1, n]  # dL/dh_t
-                    g = gh * ga[t, n]
-                    ga[t, n] = g
-                    s_ha += g * hs[t, n] * A[e, n]
-                    s_gb += gh * Bt[b, t, n]
-                d = dt[b, e, t]
-                if has_D:
-                    dD_acc += dy * ut
-                    du[b, e, t] = s_gb * d + dy * D[e]
-                else:
-                    du[b, e, t] = s_gb * d
-                ddt = s_ha + s_gb * ut
-                if has_sp:
-                    ddt *= dsp[b, e, t]
-                ddelta[b, e, t] = ddt
-                dbias_acc += ddt
-            # grads of shared A, B, C from the saved rows
-            dA_loc[:] = 0
+    nn = At.shape[0]
+    has_bias, has_D, has_z = bias.shape[0] > 0, D.shape[0] > 0, z.shape[0] > 0
+    nblocks = (ne + block - 1) // block
+    for item in prange(nb * nblocks):
+        b = item // nblocks
+        blk = item % nblocks
+        e0 = blk * block
+        w = min(block, ne - e0)
+        hs = np.empty((L + 1, nn, w), u.dtype)  # hs[t + 1] = h_t, hs[0] = h_{-1} = 0
+        As = np.empty((L, nn, w), u.dtype)      # decays a_t = exp(dt_t A)
+        tu = np.empty((L, w), u.dtype)          # the inputs of the block, token-major
+        tdt = np.empty((L, w), u.dtype)
+        tsp = np.empty((L, w), u.dtype)         # softplus'(pre) = sigmoid(pre)
+        tz = np.empty((L, w), u.dtype)
+        tg = np.empty((L, w), u.dtype)
+        ty = np.empty((L, w), u.dtype)          # y before the gate
+        tdu = np.empty((L, w), u.dtype)
+        tdd = np.empty((L, w), u.dtype)
+        tdz = np.empty((L, w), u.dtype)
+        tb = np.empty((L, nn), u.dtype)
+        tc = np.empty((L, nn), u.dtype)
+        carry = np.zeros((nn, w), u.dtype)      # a_{t+1} dL/dh_{t+1}
+        dA = np.zeros((nn, w), u.dtype)
+        dD_acc = np.zeros(w, np.float64)        # long sums over L: accumulate in float64
+        dbias_acc = np.zeros(w, np.float64)
+        dy = np.empty(w, u.dtype)
+        dh = np.empty(w, u.dtype)
+        ddt = np.empty(w, u.dtype)
+        du_t = np.empty(w, u.dtype)
+        dtu = np.empty(w, u.dtype)
+        for j in range(w):  # gather: channel-major rows in, token-major out
+            e = np.uint64(e0 + j)
+            bias_e = bias[e] if has_bias else _ZERO
             for t in range(L):
-                d = dt[b, e, t]
-                dtu = d * u[b, e, t]
-                dy = dys[t]
-                for n in range(nn):
-                    dA_loc[n] += d * ga[t, n] * hs[t, n]
-                for n in range(nn):
-                    dCt_p[c, b, t, n] += dy * hs[t + 1, n]
-                for n in range(nn):
-                    dBt_p[c, b, t, n] += (dy * Ct[b, t, n] + ga[t + 1, n]) * dtu
+                tu[t, j] = u[b, e, t]
+                tdt[t, j] = delta[b, e, t] + bias_e
+                tg[t, j] = gout[b, e, t]
+            if has_z:
+                for t in range(L):
+                    tz[t, j] = z[b, e, t]
+        for n in range(nn):
+            for t in range(L):
+                tb[t, n] = B[b, n, t]
+                tc[t, n] = C[b, n, t]
+        if softplus:
+            for t in range(L):
+                for j in range(w):
+                    pre = tdt[t, j]
+                    tsp[t, j] = _ONE / (_ONE + _exp(-pre))
+                    tdt[t, j] = vsoftplus(pre)
+        hs[0, :, :] = 0
+        for t in range(L):  # the forward again, keeping states and decays
+            for j in range(w):
+                dtu[j] = tdt[t, j] * tu[t, j]
+                ty[t, j] = D[np.uint64(e0 + j)] * tu[t, j] if has_D else _ZERO
             for n in range(nn):
-                dA_p[c, e, n] += dA_loc[n]
-            dD_p[c, e] += dD_acc
-            dbias_p[c, e] += dbias_acc
+                bn = tb[t, n]
+                cn = tc[t, n]
+                for j in range(w):
+                    a = _exp(tdt[t, j] * At[n, np.uint64(e0 + j)])
+                    As[t, n, j] = a
+                    hs[t + 1, n, j] = a * hs[t, n, j] + dtu[j] * bn
+                for j in range(w):
+                    ty[t, j] += cn * hs[t + 1, n, j]
+        # reverse recurrence. LLVM does not vectorise loops that write several arrays it cannot prove apart,
+        # so each loop over j writes one or two arrays
+        for tt in range(L):
+            t = L - 1 - tt
+            if has_z:  # d(y silu z)/dz = y sig (1 + z (1 - sig))
+                for j in range(w):
+                    zt = tz[t, j]
+                    sg = _ONE / (_ONE + _exp(-zt))
+                    dy[j] = tg[t, j] * zt * sg
+                    tdz[t, j] = tg[t, j] * ty[t, j] * sg * (_ONE + zt * (_ONE - sg))
+            else:
+                for j in range(w):
+                    dy[j] = tg[t, j]
+            for j in range(w):
+                ddt[j] = _ZERO
+                du_t[j] = dy[j] * D[np.uint64(e0 + j)] if has_D else _ZERO
+            for n in range(nn):
+                bn = tb[t, n]
+                cn = tc[t, n]
+                for j in range(w):  # dL/dh_t
+                    g = dy[j] * cn + carry[n, j]
+                    dh[j] = g
+                    carry[n, j] = g * As[t, n, j]
+                for j in range(w):  # through exp(dt A) and dt B u
+                    ddt[j] += dh[j] * (hs[t, n, j] * As[t, n, j] * At[n, np.uint64(e0 + j)] + tu[t, j] * bn)
+                for j in range(w):
+                    du_t[j] += dh[j] * tdt[t, j] * bn
+                for j in range(w):
+                    dA[n, j] += dh[j] * hs[t, n, j] * As[t, n, j] * tdt[t, j]
+                sum_b = _ZERO
+                sum_c = _ZERO
+                for j in range(w):  # B and C are shared by the channels: sums over the lanes
+                    sum_b += dh[j] * tdt[t, j] * tu[t, j]
+                    sum_c += dy[j] * hs[t + 1, n, j]
+                dB_p[blk, b, n, t] = sum_b
+                dC_p[blk, b, n, t] = sum_c
+            for j in range(w):
+                tdd[t, j] = ddt[j] * tsp[t, j] if softplus else ddt[j]
+                tdu[t, j] = du_t[j]
+            for j in range(w):
+                dbias_acc[j] += tdd[t, j]
+                dD_acc[j] += dy[j] * tu[t, j]
+        for j in range(w):  # scatter, channel-major
+            e = np.uint64(e0 + j)
+            for t in range(L):
+                du[b, e, t] = tdu[t, j]
+                ddelta[b, e, t] = tdd[t, j]
+            if has_z:
+                for t in range(L):
+                    dz[b, e, t] = tdz[t, j]
+            dD_p[b, e] = dD_acc[j]
+            dbias_p[b, e] = dbias_acc[j]
+        for n in range(nn):
+            for j in range(w):
+                dA_p[b, n, np.uint64(e0 + j)] = dA[n, j]
 
 
 # ---- torch <-> numpy wrappers -------------------------------------------
@@ -208,31 +254,19 @@ def _np(x, cdt, empty_shape=None):
 
 
 def _nchunks(nitems):
-    """Threads for this call: no more than torch uses (so a process that limits
-    torch, e.g. one DDP rank per core, is not oversubscribed by numba); one
-    chunk per thread keeps the chunk-private gradient slices few."""
+    """Threads for this call: no more than torch uses (so a process that limits torch, e.g. one DDP rank
+    per core, is not oversubscribed by numba), and no more than there are items."""
     nthreads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(nthreads)
     return max(1, min(nthreads, nitems))
 
 
-def _common(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cdt):
-    """Backward kernel inputs (channel-major); the elementwise softplus/sigmoid run in torch."""
-    pre = delta.detach().to(cdt)
-    if delta_bias is not None:
-        pre = pre + delta_bias.detach().to(cdt)[:, None]
-    dt = F.softplus(pre) if delta_softplus else pre
-    zsig = torch.sigmoid(z.detach().to(cdt)) if z is not None else None
-    arrs = (_np(u, cdt), _np(dt, cdt), _np(A, cdt), _np(B.transpose(1, 2), cdt),
-            _np(C.transpose(1, 2), cdt), _np(D, cdt, (0,)), _np(z, cdt, (0, 0, 0)),
-            _np(zsig, cdt, (0, 0, 0)))
-    return pre, arrs
-
-
-def _forward_block(nb, ne):
-    """Channels per parallel item of the forward: all of them when the batch rows alone give every thread
-    work, else fewer (a multiple of _LANES), so that a batch of one uses every thread too."""
+def _channel_block(nb, ne, most=None):
+    """Channels per parallel item: all of them (at most ``most``) when the batch rows alone give every thread
+    work, else fewer, so that a batch of one uses every thread too; a multiple of _LANES."""
     blocks_per_row = -(-_nchunks(nb * ne) // nb)
+    if most is not None:
+        blocks_per_row = max(blocks_per_row, -(-ne // most))
     channels = -(-ne // blocks_per_row)
     return -(-channels // _LANES) * _LANES
 
@@ -244,7 +278,7 @@ def cpu_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
     nb, ne, _ = uu.shape
     out = np.empty(uu.shape, dtype=uu.dtype)
     scan_fwd_kernel(uu, _np(delta, cdt), _np(delta_bias, cdt, (0,)), _np(A.t(), cdt), _np(B, cdt), _np(C, cdt),
-                    _np(D, cdt, (0,)), _np(z, cdt, (0, 0, 0)), bool(delta_softplus), _forward_block(nb, ne),
+                    _np(D, cdt, (0,)), _np(z, cdt, (0, 0, 0)), bool(delta_softplus), _channel_block(nb, ne),
                     _TILE, out)
     return torch.from_numpy(out)
 
@@ -254,24 +288,26 @@ def cpu_scan_backward(gout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the compute dtype; None for
     absent optionals."""
     cdt = _compute_dtype(u)
-    pre, (uu, dt, AA, Bt, Ct, DD, zz, zsig) = _common(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, cdt)
-    dsp = _np(torch.sigmoid(pre) if delta_softplus else None, cdt, (0, 0, 0))
+    uu = _np(u, cdt)
     nb, ne, L = uu.shape
-    nn = AA.shape[1]
-    nc = _nchunks(nb * ne)
+    nn = A.shape[1]
     f = uu.dtype
+    per_channel = 2 * (L + 1) * nn * uu.itemsize
+    most = max(_LANES, min(_BACKWARD_CHANNELS, _BACKWARD_BYTES // per_channel // _LANES * _LANES))
+    block = _channel_block(nb, ne, most)
+    nblocks = -(-ne // block)
     du, ddelta = np.empty_like(uu), np.empty_like(uu)
     dz = np.empty_like(uu) if z is not None else np.empty((0, 0, 0), f)
-    dA_p, dD_p, dbias_p = np.zeros((nc, ne, nn), f), np.zeros((nc, ne), f), np.zeros((nc, ne), f)
-    dBt_p, dCt_p = np.zeros((nc, nb, L, nn), f), np.zeros((nc, nb, L, nn), f)
-    scan_bwd_kernel(uu, dt, dsp, AA, Bt, Ct, DD, zz, zsig, _np(gout, cdt), nc,
-                    du, ddelta, dz, dA_p, dBt_p, dCt_p, dD_p, dbias_p)
+    dA_p, dD_p, dbias_p = np.empty((nb, nn, ne), f), np.empty((nb, ne), f), np.empty((nb, ne), f)
+    dB_p, dC_p = np.empty((nblocks, nb, nn, L), f), np.empty((nblocks, nb, nn, L), f)
+    scan_bwd_kernel(uu, _np(delta, cdt), _np(delta_bias, cdt, (0,)), _np(A.t(), cdt), _np(B, cdt), _np(C, cdt),
+                    _np(D, cdt, (0,)), _np(z, cdt, (0, 0, 0)), _np(gout, cdt), bool(delta_softplus), block,
+                    du, ddelta, dz, dA_p, dB_p, dC_p, dD_p, dbias_p)
     t = torch.from_numpy
 
-    def red(x):  # sum the chunk slices (a no-op copy-free view for one chunk)
-        return t(x[0]) if nc == 1 else t(x).sum(0)
+    def red(x):  # sum the partial slices (a copy-free view when there is one)
+        return t(x[0]) if x.shape[0] == 1 else t(x).sum(0)
 
-    return (t(du), t(ddelta), red(dA_p), red(dBt_p).transpose(1, 2), red(dCt_p).transpose(1, 2),
+    return (t(du), t(ddelta), red(dA_p).t(), red(dB_p), red(dC_p),
             red(dD_p) if D is not None else None, t(dz) if z is not None else None,
             red(dbias_p) if delta_bias is not None else None)
