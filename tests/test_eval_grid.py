@@ -306,6 +306,14 @@ def test_throughput_of_chosen_budgets_only(files, tmp_path):
     assert "timed: the unpruned model and the 40 % token reduction rows (the other rows: –)" in md
     with pytest.raises(ValueError, match=r"throughput.reductions \[0.3\] are not budgets of the grid"):
         run_grid(grid_config(files, tmp_path, throughput=ThroughputConfig(reductions=[0.3])))
+    with pytest.raises(ValueError, match=r"throughput.reductions is empty"):
+        run_grid(grid_config(files, tmp_path, throughput=ThroughputConfig(reductions=[])))
+    # unset, a backbone with its unpruned model alone still gets its images/s
+    alone = run_grid(grid_config(files, tmp_path, max_samples=4, flops=False,
+                                 backbones=[BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"],
+                                                          name="D", methods=[], visualize=False)],
+                                 throughput=ThroughputConfig(batch_size=2, warmup=0, iters=2)))
+    assert [r["label"] for r in alone["rows"]] == ["Unpruned"] and alone["rows"][0]["images_per_s"] > 0
 
 
 def test_kept_patches_figure_is_redrawn_only_when_it_changes(files, tmp_path, monkeypatch):
@@ -325,3 +333,7 @@ def test_kept_patches_figure_is_redrawn_only_when_it_changes(files, tmp_path, mo
     result = run_grid(cfg)
     assert len(drawn) == 2  # after D and after V, not after D2
     assert "kept_patches.png" in result["plots"] and os.path.isfile(tmp_path / "kept_patches.png")
+    # a figure left by an earlier run is neither kept nor linked when this run draws none
+    cfg.backbones = [BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D", visualize=False)]
+    result = run_grid(cfg)
+    assert "kept_patches.png" not in result["plots"] and not os.path.isfile(tmp_path / "kept_patches.png")

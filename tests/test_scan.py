@@ -55,6 +55,7 @@ CASES = [  # (batch, E, N, L)
     (3, 16, 16, 197),
     (1, 4, 4, 1100),  # long sequence, small E/N to keep the loop reference fast
     (1, 40, 4, 9),  # one batch row: the forward splits the channels into blocks (32 + 8 on 2 threads)
+    (2, 80, 4, 70),  # over 64 channels: the backward's blocks (48 + 32) share B, C; a partial second tile
 ]
 
 

@@ -213,6 +213,9 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
                                  "resize_size, mean or std")
     timed = cfg.throughput.reductions
     if timed is not None:
+        if not timed:
+            raise ValueError("throughput.reductions is empty: list the budgets to time, or leave it unset "
+                             "(null) to time every variant")
         budgets = set(cfg.reductions) | {r for b in cfg.backbones for r in (b.reductions or [])}
         unknown = [r for r in timed if not any(abs(r - b) < 1e-9 for b in budgets)]
         if unknown:

@@ -184,7 +184,9 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
     val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress, draw=entry.visualize)
     tput: Dict[str, Any] = {"models": {}, "speedup": {}, "speedup_rounds": {}}
     timed = [v for v in variants if _is_timed(v, cfg.throughput.reductions)]
-    if cfg.throughput.enabled and len(timed) > 1:  # the unpruned reference alone has no speed-up to give
+    # with throughput.reductions set, a backbone left with its unpruned model alone is not timed: a reference
+    # with no variant to give a speed-up (unset, the unpruned model alone still gets its images/s)
+    if cfg.throughput.enabled and (len(timed) > 1 or cfg.throughput.reductions is None):
         tdev = resolve_device(cfg.throughput.device) if cfg.throughput.device else device
         models = {v.key: v.model.to(tdev) for v in timed}
         if progress:

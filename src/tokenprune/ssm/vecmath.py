@@ -32,6 +32,7 @@ _SQRT2 = np.float32(1.4142135623730951)
 _A3, _A5, _A7, _A9 = (np.float32(1 / k) for k in (3, 5, 7, 9))
 _TWO = np.float32(2.0)
 _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch's: above it softplus(x) = x in float32
+SILU_FLOOR = -_XMAX  # silu(x) for x below it is 0 to float32 precision
 
 
 @intrinsic
@@ -84,7 +85,7 @@ def vlog(x):
 
 
 def vsoftplus(x):
-    return np.log1p(np.exp(x)) if x <= 20.0 else x
+    return np.log1p(np.exp(x)) if x <= _SOFTPLUS_THRESHOLD else x
 
 
 def vsilu(x):
@@ -132,13 +133,17 @@ def _vsoftplus(x):
             # log1p(w) = log(v) - ((v - 1) - w) / v corrects the rounding of 1 + w, so tiny w stay exact
             sp = vlog(v) - ((v - _ONE) - w) / v
             above = np.float32(x > _SOFTPLUS_THRESHOLD)
-            return sp + above * (x - sp)  # x above the threshold (exactly up to 88, where x - sp is exact)
+            # x above the threshold (exact: x - sp is exact there); max() keeps 0 * (x - sp) finite at x = -inf
+            return sp + above * (max(x, _SOFTPLUS_THRESHOLD) - sp)
         return impl
-    return lambda x: x if x > 20.0 else np.log1p(np.exp(x))
+    return lambda x: x if x > _SOFTPLUS_THRESHOLD else np.log1p(np.exp(x))
 
 
 @overload(vsilu, inline="always")
 def _vsilu(x):
     if x == types.float32:
-        return lambda x: x / (_ONE + vexp(-x))
+        def impl(x):  # below -88 exp(-x) would clamp and x / exp(88) grow again: clamp x instead (~-5e-37)
+            xc = max(x, SILU_FLOOR)
+            return xc / (_ONE + vexp(-xc))
+        return impl
     return lambda x: x / (1.0 + np.exp(-x))
