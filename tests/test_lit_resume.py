@@ -69,6 +69,18 @@ def test_killed_run_resumes_exactly(setup):
     assert_same_training_state(reference, load(run_dir / "checkpoints" / "last.ckpt"))
 
 
+def test_last_checkpoint_is_written_at_every_epoch_end(setup):
+    """Without step-level saves, a run killed in its second epoch resumes from the end of the first."""
+    root, cfg, _ = setup
+    run_dir = root / "epoch_end"
+    proc = run_train(["fit", "-c", cfg, "--run_dir", run_dir, "--last_checkpoint.every_n_train_steps", "null",
+                      "--trainer.callbacks+=lit_test_callbacks.KillAtStep", "--trainer.callbacks.step", "10"],
+                     cwd=root, check=False)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    last = load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 8 and last["epoch"] == 0  # the end of epoch 0 (8 batches), after validation
+
+
 SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
              "SLURM_JOB_NAME": "tokenprune-train", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}

@@ -228,7 +228,9 @@ class TokenPruneCLI(LightningCLI):
                                  "trainer.default_root_dir, else runs/<backbone>-<method>-keep<keep>")
         # two checkpoint callbacks: the best model by val/top1 (at validation), and last.ckpt for resuming
         # (ModelCheckpoint defers step-level saves while its monitored metric is missing, so `last` must
-        # not monitor anything to be saved every `every_n_train_steps`)
+        # not monitor anything to be saved every `every_n_train_steps`; and at an epoch's end it writes
+        # last.ckpt only after a top-k save of its own, so it keeps one `latest-*` file: with save_top_k=0
+        # an interrupted run lost every epoch since the best one)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.save_last": False,
@@ -241,8 +243,10 @@ class TokenPruneCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({
             "last_checkpoint.save_last": True,
-            "last_checkpoint.save_top_k": 0,
+            "last_checkpoint.save_top_k": 1,
             "last_checkpoint.monitor": None,
+            "last_checkpoint.filename": "latest-epoch{epoch:03d}-step{step:07d}",
+            "last_checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(FlopsCallback, "flops")
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
