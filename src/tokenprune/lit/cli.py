@@ -11,7 +11,8 @@ Usage (see ``slurm/README.md`` for clusters)::
 Run directory (``--run_dir``; default ``trainer.default_root_dir`` if set, else
 ``runs/<backbone>-<method>-keep<keep>``) -- stable across restarts and SLURM requeues::
 
-    <run_dir>/checkpoints/last.ckpt, best-*.ckpt   ModelCheckpoint (save_last=True)
+    <run_dir>/checkpoints/last.ckpt, best-*.ckpt   ModelCheckpoint (save_last=True); latest-*.ckpt: the copy
+                                                    Lightning needs before it rewrites last.ckpt
     <run_dir>/hpc_ckpt_<n>.ckpt                     SLURM requeue checkpoints (Lightning)
     <run_dir>/logs/version_<k>/                     one per start: metrics.csv, hparams.yaml, config.yaml
                                                     (the resolved config), flops.json, throughput.json
