@@ -35,45 +35,42 @@ _SOFTPLUS_THRESHOLD = np.float32(20.0)  # torch's: above it softplus(x) = x in f
 SILU_FLOOR = -_XMAX  # silu(x) for x below it is 0 to float32 precision
 
 
-@intrinsic
-def _pow2(typingctx, k):
+def _float32_bit_op(body):
+    """A numba intrinsic float32 -> float32 whose LLVM code is ``body(builder, x, i32)``: 32-bit integer steps
+    on the float's bits, which numba's own int32 arithmetic would widen to int64."""
+    @intrinsic
+    def op(typingctx, x):
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return body(builder, args[0], ir.IntType(32))
+        return types.float32(types.float32), codegen
+    return op
+
+
+def _pow2_bits(builder, k, i32):
     # 2**k for an integral float32 k in the normal range [-126, 127] (the clamps of exp keep it there)
-    if k != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
-        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
-    return types.float32(types.float32), codegen
+    biased = builder.add(builder.fptosi(k, i32), ir.Constant(i32, 127))
+    return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
 
 
-@intrinsic
-def _exponent(typingctx, x):
+def _exponent_bits(builder, x, i32):
     # the unbiased binary exponent of a positive normal float32, as a float32
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        e = builder.sub(builder.lshr(bits, ir.Constant(i32, 23)), ir.Constant(i32, 127))
-        return builder.sitofp(e, ir.FloatType())
-    return types.float32(types.float32), codegen
+    e = builder.sub(builder.lshr(builder.bitcast(x, i32), ir.Constant(i32, 23)), ir.Constant(i32, 127))
+    return builder.sitofp(e, ir.FloatType())
 
 
-@intrinsic
-def _mantissa(typingctx, x):
+def _mantissa_bits(builder, x, i32):
     # x / 2**exponent(x), in [1, 2), for a positive normal float32
-    if x != types.float32:
-        return None
+    bits = builder.bitcast(x, i32)
+    m = builder.or_(builder.and_(bits, ir.Constant(i32, 0x007FFFFF)), ir.Constant(i32, 0x3F800000))
+    return builder.bitcast(m, ir.FloatType())
 
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        m = builder.or_(builder.and_(bits, ir.Constant(i32, 0x007FFFFF)), ir.Constant(i32, 0x3F800000))
-        return builder.bitcast(m, ir.FloatType())
-    return types.float32(types.float32), codegen
+
+_pow2 = _float32_bit_op(_pow2_bits)
+_exponent = _float32_bit_op(_exponent_bits)
+_mantissa = _float32_bit_op(_mantissa_bits)
 
 
 def vexp(x):  # pure-python stand-ins; the numba overloads below are what kernels run
