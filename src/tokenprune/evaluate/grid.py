@@ -268,7 +268,7 @@ def run_grid(cfg: EvalConfig, config_text: Optional[str] = None, command: Option
         if visual is not None:
             result["visuals"][info["name"]] = visual
         # rewritten after every backbone, so partial results survive an interruption
-        result["files"] = write_report(result, out, redraw_kept_patches=visual is not None or "files" not in result)
+        result["files"] = write_report(result, out, redraw_kept_patches=visual is not None)
     result["output_dir"] = out
     return result
 
