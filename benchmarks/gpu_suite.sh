@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one go (a CUDA machine with the project importable), logs under $1:
-#   bash benchmarks/gpu_suite.sh benchmarks/gpu_out [--tests-only | --bench-only]
-# 1. the GPU-marked tests (Triton scan vs the reference loop, every method on GPU vs CPU, ViT path vs timm),
-# 2. Triton scan parity on ViM-sized shapes, 3. scan / model / pruning throughput (same-run ratios).
+# GPU checks and benchmarks in one go, on a CUDA machine with the project importable; logs and tables under $1:
+#   bash benchmarks/gpu_suite.sh benchmarks/gpu_h200/run1 [all|tests|bench|ssm]
+# 1. kernel parity: the fused Triton scan/conv vs float64 references (tests/scripts/fused_check.py), and the
+#    GPU-marked tests (every kernel vs the reference, every method on GPU vs CPU, ViT path vs timm, capture);
+# 2. benchmarks, each a set of ratios measured in one run: the SSM path (scan vs a same-bytes copy, vs
+#    mamba-ssm when installed, time vs L, ViM-S vs DeiT-S, bf16 vs fp32, training step, kernels per forward),
+#    then the pruning grid and the VLM prefill benchmark when present.
+# Set TOKENPRUNE_SUITE_FAST=1 to skip the slower GPU tests.
 set -uo pipefail
 OUT=${1:-benchmarks/gpu_out}
 MODE=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ "$MODE" != "--bench-only" ]; then
+T0=$(date +%s)
+stamp() { echo "[suite $(( $(date +%s) - T0 ))s] $*"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, timm, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'timm', timm.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/device.txt"
-python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
-python tests/scripts/triton_scan_check.py --device cuda --cases gpu 2>&1 | tee "$OUT/triton_parity.log"
+'timm', timm.__version__, 'triton', triton.__version__)"
+  python -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', \
+causal_conv1d.__version__)" 2>&1 | tail -1
+  date -u; } 2>&1 | tee "$OUT/device.txt"
+if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
+  stamp "fused-op parity"
+  python tests/scripts/fused_check.py --device cuda --cases gpu 2>&1 | tee "$OUT/fused_parity.log"
+  stamp "gpu tests"
+  python -m pytest -q -m gpu -p no:cacheprovider -x --timeout 300 tests 2>&1 | tee "$OUT/gpu_tests.log"
 fi
-[ "$MODE" = "--tests-only" ] && exit 0
-python benchmarks/bench_scan.py --device cuda --impl triton --shapes vim_t long vim_s --no-compile-time \
-  2>&1 | tee "$OUT/bench_scan.log"
-python benchmarks/bench_models.py --device cuda --batch 128 --scans triton,reference --out "$OUT/results_gpu.md"
-for m in l2 papr; do
-  python benchmarks/bench_pruning.py --device cuda --batch 128 --method $m --out "$OUT/results_gpu.md"
-done
+if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ssm ]; then
+  stamp "ssm benchmark"
+  python benchmarks/bench_ssm_gpu.py --out "$OUT/ssm.md" ${SSM_ARGS:-} 2>&1 | tail -n 80
+fi
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
+  if [ -f benchmarks/bench_gpu_grid.py ]; then
+    stamp "pruning grid"
+    python benchmarks/bench_gpu_grid.py --device cuda --out "$OUT/grid.md" ${GRID_ARGS:-} 2>&1 | tail -n 60
+  fi
+  if [ -f benchmarks/bench_vlm.py ]; then
+    stamp "vlm prefill"
+    python benchmarks/bench_vlm.py --device cuda --real-shapes --out "$OUT/vlm.md" ${VLM_ARGS:-} 2>&1 | tail -n 30
+  fi
+fi
+stamp "done"

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..pruning import ops
 from ..pruning.state import TokenState, initial_state
-from ..ssm import selective_scan
+from ..ssm import get_scan_impl, selective_scan
+from ..ssm.scan import disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 
 
@@ -100,6 +101,13 @@ class BiMambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 want: AbstractSet[str] = frozenset()):
         """Mixer output (b, L, D) and the SSM importances named in ``want`` (each (b, L), token order)."""
+        if not want and get_scan_impl(h) == "triton":
+            try:
+                return self._forward_fused(h, gaps), {}
+            except triton_build_errors() as exc:
+                if get_scan_impl() != "auto":
+                    raise
+                disable_triton(exc)  # and run the per-direction path below
         h_t = h.transpose(1, 2)  # (b, D, L)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)  # official split of in_proj: x first, then z
         x, z = torch.matmul(w_x, h_t), torch.matmul(w_z, h_t)  # (b, E, L) each, contiguous
@@ -118,6 +126,36 @@ class BiMambaMixer(nn.Module):
             importances["ssm_out"] = clipped_channel_sum(y_f, y_b)
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         return out, importances
+
+
+    def _forward_fused(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Both directions through the fused Triton ops, in the channel-major (E, b·L) layout: every projection
+        is one plain 2-D matmul (no transposed copies), the conv runs causal and anti-causal in one launch,
+        and the scan walks direction 1 backwards by index (no flips), adding it before the shared gate.
+        Under autocast the activations stay bf16/fp16 end to end; A, D, biases and the states stay fp32."""
+        from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
+        from ..ssm.scan import _record
+        if not torch.compiler.is_compiling():
+            _record("triton")  # scan_impl_report() tells which scan ran
+        b, L, dim = h.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        xz = torch.mm(self.in_proj.weight, h.reshape(b * L, dim).t()).view(2 * E, b, L)
+        x, z = xz[:E].transpose(0, 1), xz[E:].transpose(0, 1)  # (b, E, L) views of the (E, b, L) layout
+        u = conv1d_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+        u_cm = u.transpose(1, 2).reshape(2, E, b * L)  # a view: u is laid out (2, E, b, L)
+        dbl = torch.bmm(torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u_cm)  # (2, R + 2N, b·L)
+        dt = torch.bmm(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]), dbl[:, :R])  # (2, E, b·L)
+
+        def bel(t, rows):  # (2, rows, b·L) -> (2, b, rows, L) view
+            return t.view(2, rows, b, L).transpose(1, 2)
+        gap = None
+        if gaps is not None:  # decay scale 1 + g per token, token order for both directions
+            gap = torch.stack([ops.gap_scale(g) for g in gaps]).to(h.device)
+        y = fused_selective_scan(u, bel(dt, E), self.A_log, bel(dbl[:, R:R + N], N), bel(dbl[:, R + N:], N),
+                                 self.D, z, self.dt_proj.bias, A1=self.A_b_log, D1=self.D_b,
+                                 bias1=self.dt_proj_b.bias, gap=gap, softplus=True, a_is_log=True)
+        out = torch.mm(y.transpose(0, 1).reshape(E, b * L).t(), self.out_proj.weight.t())  # y is (E, b, L)
+        return out.view(b, L, dim)
 
 
 class VimBlock(nn.Module):

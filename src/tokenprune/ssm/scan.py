@@ -1,10 +1,10 @@
 """Run-time dispatch of the selective scan, and the autograd Function around it.
 
-The "cpu" (numba), "cuda" (mamba-ssm) and "triton" (our GPU kernels, used on CUDA when
-mamba-ssm is absent) paths all run inside one ``torch.autograd.Function`` named
-``SelectiveScan``, so ``torch.jit.trace`` (and fvcore) sees a single ``prim::PythonOp``
-node whose ``pyname()`` is "SelectiveScan", whichever kernel ran. "reference" is the
-plain PyTorch loop.
+The "cpu" (numba) and "cuda" (mamba-ssm) paths run inside one ``torch.autograd.Function``
+named ``SelectiveScan``, so ``torch.jit.trace`` (and fvcore) sees a single ``prim::PythonOp``
+node whose ``pyname()`` is "SelectiveScan". "triton" (our chunked GPU kernels, the default on
+CUDA) is the custom op ``tokenprune::scan_fwd`` (``fused_ops``), which torch.compile and CUDA
+graphs see as one node. "reference" is the plain PyTorch loop.
 """
 import contextlib
 import os
@@ -47,12 +47,16 @@ def get_scan_impl(u=None):
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             name = _check_name(env, f"${ENV_VAR}")
+    if u is not None and u.device.type == "meta" and name in (None, "cpu", "cuda"):
+        return "triton"  # shape-only runs go through the custom ops' fake implementations
     if name is not None or u is None:
         return name or "auto"
-    if u.is_cuda:  # mamba-ssm's kernels, else ours in Triton, else the torch loop
-        if mamba_available():
-            return "cuda"
-        return "triton" if triton_available() else "reference"
+    if u.is_cuda and u.dtype == torch.float64:  # the GPU kernels compute in fp32
+        return "reference"
+    if u.is_cuda:  # ours in Triton (bf16, fused directions and gaps), else mamba-ssm's kernels, else the loop
+        if triton_available():
+            return "triton"
+        return "cuda" if mamba_available() else "reference"
     return "cpu" if numba_available() else "reference"
 
 
@@ -117,6 +121,25 @@ def triton_available():
     return _cache["triton"]
 
 
+def triton_build_errors():
+    """Exceptions of a Triton kernel that cannot be built for this GPU (compiler error, too many resources)."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+    except Exception:  # noqa: BLE001  (triton absent or reorganised: nothing to catch)
+        return ()
+    return (CompilationError, OutOfResources)
+
+
+def disable_triton(exc):
+    """Automatic dispatch stops using the Triton kernels for this process (mamba-ssm or the reference loop
+    instead), with a warning that names the error: a kernel that does not build must not stop a run that
+    did not ask for it. An explicit impl="triton" still raises."""
+    warnings.warn(f"tokenprune: the Triton scan kernels failed to build on this device ({type(exc).__name__}: "
+                  f"{exc}); automatic dispatch falls back to mamba-ssm or the reference scan", RuntimeWarning)
+    _cache["triton"] = False
+
+
 def numba_available():
     if "numba" not in _cache:
         try:
@@ -130,10 +153,7 @@ def numba_available():
 # ---- the autograd Function ------------------------------------------------
 
 def _gpu_fn(impl):
-    if impl == "cuda":
-        return _mamba_fn()
-    from .triton_scan import triton_selective_scan
-    return triton_selective_scan
+    return _mamba_fn()
 
 
 def _graph_forward(ctx, fn, args, softplus):
@@ -192,7 +212,7 @@ class SelectiveScan(torch.autograd.Function):
         ctx.impl, ctx.softplus = impl, bool(delta_softplus)
         args = (u, delta, A, B, C, D, z, delta_bias)
         with _quiet_trace(untraced):
-            if impl in ("cuda", "triton"):
+            if impl == "cuda":
                 return _graph_forward(ctx, _gpu_fn(impl), args, ctx.softplus)
             from .cpu_kernel import cpu_scan_forward
             ctx.save_for_backward(*args)
@@ -201,7 +221,7 @@ class SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
-        if ctx.impl in ("cuda", "triton"):
+        if ctx.impl == "cuda":
             grads = _graph_backward(ctx, gout)
         else:
             from .cpu_kernel import cpu_scan_backward
@@ -243,7 +263,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             "selective_scan impl 'cuda' needs mamba-ssm (pip install -e .[cuda]) and CUDA "
             f"tensors; mamba-ssm importable: {mamba_available()}, u.device: {u.device}. "
             f"Use impl='cpu' or 'reference' (or ${ENV_VAR}) instead.")
-    if name == "triton" and not (triton_available() and (u.is_cuda or _interpreting())):
+    if name == "triton" and not (u.device.type == "meta" or (triton_available() and (u.is_cuda or _interpreting()))):
         raise RuntimeError(
             "selective_scan impl 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
             f"tensors); triton usable: {triton_available()}, u.device: {u.device}. "
@@ -253,6 +273,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     _record(name)
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "triton":  # a torch.library custom op with its own autograd (see fused_ops)
+        from .fused_ops import fused_selective_scan
+        if u.dtype == torch.float64:  # Triton computes in fp32: keep fp64 callers on fp64 semantics' dtype
+            raise ValueError("selective_scan impl 'triton' computes in float32; got float64 inputs "
+                             "(use impl='reference' for float64)")
+        try:
+            return fused_selective_scan(u[None], delta[None], A, B[None], C[None], D, z, delta_bias,
+                                        softplus=bool(delta_softplus), out_dtype=u.dtype)
+        except triton_build_errors() as exc:
+            if impl is not None or get_scan_impl() != "auto":
+                raise
+            disable_triton(exc)
+            return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     bias_2d = None if delta_bias is None else delta_bias.unsqueeze(-1)
     untraced = torch.jit.is_tracing() and not torch.is_grad_enabled()  # inside forward grad is always off
     return SelectiveScan.apply(u, delta, A, B, C, D, z, bias_2d, bool(delta_softplus), name, untraced)

@@ -1,0 +1,304 @@
+"""GPU speed of the SSM path (issue 16), every table from one run, ratios measured in that run.
+
+    python benchmarks/bench_ssm_gpu.py --out benchmarks/gpu_h200/ssm.md [--quick] [--sweep]
+
+1. the scan at ViM-S shape (128, 768, 16, 197) vs a device copy of the same bytes (fp32 and bf16 inputs), for
+   the public single-direction op and ViM's fused bidirectional op; mamba-ssm's ``selective_scan_fn`` on the
+   same inputs when it is installed (time ratio and max abs difference);
+2. scan time vs sequence length (batch 64, E 768, L = 197/158/118/99), forward and forward+backward;
+3. ViM-S vs DeiT-S images/s (batch 128, fp32 with TF32 matmuls, and bf16 autocast), ViM-S bf16 / fp32;
+4. a ViM-S training step (fwd+bwd+AdamW, bf16 autocast, batch 64) vs DeiT-S;
+5. kernels launched per ViM-S forward (torch.profiler).
+Timing: CUDA events around ``iters`` calls after warm-up, median of ``rounds`` rounds, variants interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header  # noqa: E402
+
+import timm  # noqa: E402
+
+import tokenprune  # noqa: E402,F401
+from tokenprune.ssm import scan_impl, selective_scan  # noqa: E402
+from tokenprune.ssm.fused_ops import fused_selective_scan  # noqa: E402
+
+DEV = "cuda"
+
+
+def bench(fns, iters=20, rounds=5, warmup=3):
+    """{name: median seconds per call}, the callables interleaved round by round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(iters):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            times[k].append(a.elapsed_time(b) / 1e3 / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def scan_inputs(b, E, N, L, dtype, ndir=1, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    return dict(u=r(ndir, b, E, L).to(dtype), dt=r(ndir, b, E, L).to(dtype), A=-torch.exp(r(E, N)),
+                A1=-torch.exp(r(E, N)), B=r(ndir, b, N, L).to(dtype), C=r(ndir, b, N, L).to(dtype), D=r(E),
+                D1=r(E), z=r(b, E, L).to(dtype), bias=r(E), bias1=r(E))
+
+
+def scan_bytes(b, E, N, L, elt, ndir=1):
+    # u, dt read per direction, z read once, B, C per direction, y written once
+    return elt * (ndir * (2 * b * E * L + 2 * b * N * L) + 2 * b * E * L)
+
+
+def copy_time(nbytes):
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEV)  # read half, write half = nbytes moved
+    dst = torch.empty_like(src)
+    return bench({"copy": lambda: dst.copy_(src)})["copy"]
+
+
+def table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def section_scan(lines, quick, sweep):
+    b, E, N, L = 128, 768, 16, 197
+    rows = []
+    have_mamba = False
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        have_mamba = True
+    except Exception as exc:  # noqa: BLE001
+        lines.append(f"mamba-ssm not importable here: `{type(exc).__name__}: {exc}`\n")
+    for dtype in (torch.float32, torch.bfloat16):
+        elt = torch.finfo(dtype).bits // 8
+        x = scan_inputs(b, E, N, L, dtype, ndir=2)
+        one = dict(u=x["u"][0], delta=x["dt"][0], A=x["A"], B=x["B"][0], C=x["C"][0], D=x["D"], z=x["z"],
+                   delta_bias=x["bias"], delta_softplus=True)
+        fns = {"ours, 1 direction": lambda: selective_scan(**one, impl="triton"),
+               "ours, ViM bidirectional (fused)": lambda: fused_selective_scan(
+                   x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"], D1=x["D1"],
+                   bias1=x["bias1"], softplus=True)}
+        if have_mamba:
+            fns["mamba-ssm selective_scan_fn, 1 direction"] = lambda: selective_scan_fn(**one)
+        with torch.no_grad():
+            t = bench(fns)
+        c1 = copy_time(scan_bytes(b, E, N, L, elt, 1))
+        c2 = copy_time(scan_bytes(b, E, N, L, elt, 2))
+        for name, sec in t.items():
+            nd = 2 if "bidirectional" in name else 1
+            nbytes = scan_bytes(b, E, N, L, elt, nd)
+            copy = c2 if nd == 2 else c1
+            rows.append({"dtype": str(dtype).split(".")[-1], "op": name, "ms": f"{sec * 1e3:.3f}",
+                         "GB/s": f"{nbytes / sec / 1e9:.0f}", "same-bytes copy ms": f"{copy * 1e3:.3f}",
+                         "fraction of copy bandwidth": f"{copy / sec:.1%}"})
+        if have_mamba:
+            with torch.no_grad():
+                ours = selective_scan(**one, impl="triton").float()
+                theirs = selective_scan_fn(**one).float()
+            rows.append({"dtype": str(dtype).split(".")[-1], "op": "ours vs mamba-ssm",
+                         "ms": f"time ratio mamba/ours {t['mamba-ssm selective_scan_fn, 1 direction'] / t['ours, 1 direction']:.2f}",
+                         "GB/s": f"max abs diff {(ours - theirs).abs().max().item():.2e}"})
+    lines.append("### Scan forward at ViM-S shape (batch 128, E 768, N 16, L 197), D, z, bias, softplus\n")
+    lines.append(table(rows, ["dtype", "op", "ms", "GB/s", "same-bytes copy ms", "fraction of copy bandwidth"]))
+    if have_mamba:  # fwd+bwd side by side
+        x = scan_inputs(b, E, N, L, torch.float32)
+        one = dict(u=x["u"][0], delta=x["dt"][0], A=x["A"], B=x["B"][0], C=x["C"][0], D=x["D"], z=x["z"],
+                   delta_bias=x["bias"])
+        leaves = {k: v.clone().requires_grad_() for k, v in one.items()}
+        gy = torch.randn_like(x["u"][0])
+
+        def fb(fn):
+            def run():
+                fn(**leaves, delta_softplus=True).backward(gy)
+            return run
+        t = bench({"ours": fb(lambda **k: selective_scan(**k, impl="triton")), "mamba-ssm": fb(selective_scan_fn)},
+                  iters=10)
+        lines.append(f"\nfwd+bwd fp32 at ViM-S shape: ours {t['ours'] * 1e3:.3f} ms, mamba-ssm "
+                     f"{t['mamba-ssm'] * 1e3:.3f} ms, ratio mamba/ours {t['mamba-ssm'] / t['ours']:.2f}\n")
+    if sweep:
+        lines.append("\n### Tile sweep (bidirectional fused fwd, bf16, ViM-S shape)\n")
+        x = scan_inputs(b, E, N, L, torch.bfloat16, ndir=2)
+        srows = []
+        for tile in ("16,32,4", "32,32,4", "32,64,4", "64,32,4", "64,64,8", "32,128,8", "16,64,2"):
+            os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+            try:
+                with torch.no_grad():
+                    t = bench({"f": lambda: fused_selective_scan(
+                        x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"],
+                        D1=x["D1"], bias1=x["bias1"], softplus=True)}, iters=10, rounds=3)["f"]
+                srows.append({"BE,T,warps": tile, "ms": f"{t * 1e3:.3f}"})
+            except Exception as exc:  # noqa: BLE001
+                srows.append({"BE,T,warps": tile, "ms": f"failed: {type(exc).__name__}"})
+            os.environ.pop("TOKENPRUNE_SCAN_TILE")
+        lines.append(table(srows, ["BE,T,warps", "ms"]))
+
+
+def section_length(lines):
+    b, E, N = 64, 768, 16
+    rows, base = [], None
+    for L in (197, 158, 118, 99):
+        x = scan_inputs(b, E, N, L, torch.float32, ndir=2)
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        gy = torch.randn(b, E, L, device=DEV)
+
+        def fwd():
+            with torch.no_grad():
+                fused_selective_scan(x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
+                                     A1=x["A1"], D1=x["D1"], bias1=x["bias1"], softplus=True)
+
+        def fwd_bwd():
+            v = leaves
+            fused_selective_scan(v["u"], v["dt"], v["A"], v["B"], v["C"], v["D"], v["z"], v["bias"], A1=v["A1"],
+                                 D1=v["D1"], bias1=v["bias1"], softplus=True).backward(gy)
+        t = bench({"fwd": fwd, "fwd_bwd": fwd_bwd}, iters=10)
+        base = base or t
+        rows.append({"L": L, "fwd ms": f"{t['fwd'] * 1e3:.3f}", "fwd+bwd ms": f"{t['fwd_bwd'] * 1e3:.3f}",
+                     "fwd ÷ L=197": f"{t['fwd'] / base['fwd']:.2f}",
+                     "fwd+bwd ÷ L=197": f"{t['fwd_bwd'] / base['fwd_bwd']:.2f}"})
+    lines.append("\n### Bidirectional scan time vs sequence length (batch 64, E 768, fp32)\n")
+    lines.append(table(rows, ["L", "fwd ms", "fwd+bwd ms", "fwd ÷ L=197", "fwd+bwd ÷ L=197"]))
+
+
+def images_per_s(model, batch, amp, iters=10, rounds=3):
+    x = torch.randn(batch, 3, 224, 224, device=DEV)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            model(x)
+    with torch.inference_mode():
+        t = bench({"m": run}, iters=iters, rounds=rounds, warmup=3)["m"]
+    return batch / t
+
+
+def section_models(lines, impls):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    vim = timm.create_model("vim_small_patch16_224").to(DEV).eval()
+    deit = timm.create_model("deit_small_patch16_224").to(DEV).eval()
+    rows = []
+    res = {}
+    for amp in (False, True):
+        d = images_per_s(deit, 128, amp)
+        res[("deit", amp)] = d
+        for impl in impls:
+            with scan_impl(impl):
+                v = images_per_s(vim, 128, amp)
+            res[(impl, amp)] = v
+            rows.append({"dtype": "bf16 autocast" if amp else "fp32 (TF32)", "ViM-S scan": impl,
+                         "ViM-S img/s": f"{v:,.0f}", "DeiT-S img/s": f"{d:,.0f}", "ViM-S ÷ DeiT-S": f"{v / d:.3f}"})
+    lines.append("\n### ViM-S vs DeiT-S inference, batch 128, 224²\n")
+    lines.append(table(rows, ["dtype", "ViM-S scan", "ViM-S img/s", "DeiT-S img/s", "ViM-S ÷ DeiT-S"]))
+    for impl in impls:
+        lines.append(f"\nViM-S bf16 ÷ fp32 images/s ({impl}): {res[(impl, True)] / res[(impl, False)]:.2f}")
+    # logits of the fused path vs the reference loop (fp32, TF32 off for the comparison)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(4, 3, 224, 224, device=DEV)
+    with torch.inference_mode():
+        with scan_impl("triton"):
+            a = vim(x)
+        with scan_impl("reference"):
+            b = vim(x)
+    lines.append(f"\nViM-S logits, fused Triton path vs reference loop (fp32, TF32 off, batch 4): max abs diff "
+                 f"{(a - b).abs().max().item():.2e}\n")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return vim, deit
+
+
+def train_step_rate(model, batch=64, iters=5, rounds=3):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, device=DEV)
+    y = torch.randint(0, 1000, (batch,), device=DEV)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    t = bench({"s": step}, iters=iters, rounds=rounds, warmup=2)["s"]
+    return batch / t, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def section_train(lines, vim, deit, impls):
+    rows = []
+    d, dm = train_step_rate(deit)
+    for impl in impls:
+        with scan_impl(impl):
+            v, vm = train_step_rate(vim)
+        rows.append({"ViM-S scan": impl, "ViM-S img/s": f"{v:,.0f}", "ViM-S peak GiB": f"{vm:.1f}",
+                     "DeiT-S img/s": f"{d:,.0f}", "ViM-S ÷ DeiT-S": f"{v / d:.3f}"})
+    lines.append("\n### Training step (fwd+bwd+AdamW), bf16 autocast, batch 64\n")
+    lines.append(table(rows, ["ViM-S scan", "ViM-S img/s", "ViM-S peak GiB", "DeiT-S img/s", "ViM-S ÷ DeiT-S"]))
+
+
+def section_kernels(lines, vim):
+    from torch.profiler import ProfilerActivity, profile
+    vim.eval()
+    x = torch.randn(8, 3, 224, 224, device=DEV)
+    with torch.inference_mode():
+        vim(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            vim(x)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    depth = len(vim.layers)
+    lines.append(f"\nKernels per ViM-S forward (torch.profiler, batch 8, fp32): {len(kernels)} "
+                 f"({len(kernels) / depth:.1f} per block over {depth} blocks)\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/gpu_h200/ssm.md")
+    ap.add_argument("--sweep", action="store_true", help="also time a few scan tile sizes")
+    ap.add_argument("--quick", action="store_true", help="skip the training step")
+    ap.add_argument("--impls", default="triton", help="comma list of ViM scan impls for the model tables")
+    args = ap.parse_args()
+    lines = [header("SSM path on the GPU (issue 16)")]
+    impls = args.impls.split(",")
+    t0 = time.time()
+    for name, fn in (("scan", lambda: section_scan(lines, args.quick, args.sweep)),
+                     ("length", lambda: section_length(lines))):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001  (one failing section must not lose the others)
+            lines.append(f"\n{name} section failed: `{type(exc).__name__}: {exc}`\n")
+        print(f"[{time.time() - t0:.0f}s] {name} done", flush=True)
+    try:
+        vim, deit = section_models(lines, impls)
+        print(f"[{time.time() - t0:.0f}s] models done", flush=True)
+        section_kernels(lines, vim)
+        if not args.quick:
+            section_train(lines, vim, deit, impls)
+            print(f"[{time.time() - t0:.0f}s] train done", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+        lines.append(f"\nmodel sections failed: `{type(exc).__name__}: {exc}`\n```\n{traceback.format_exc()}```\n")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "a") as fh:
+        fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

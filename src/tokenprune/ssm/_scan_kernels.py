@@ -1,0 +1,256 @@
+"""Triton kernels of ``triton_scan`` (module-level: Triton resolves called jit functions through module globals).
+
+Imported only when a kernel is first used, so importing tokenprune never needs Triton; TRITON_INTERPRET is read
+when this module is imported.
+"""
+import triton
+import triton.language as tl
+
+# Kernels are defined on first use so that importing this module never needs triton.
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): h -> a2·(a1·h + x1) + x2
+    return a1 * a2, a2 * x1 + x2
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+@triton.jit
+def _tile_positions(c, L, T: tl.constexpr, REV: tl.constexpr):
+    # walking steps c·T .. c·T+T-1 and the sequence positions they visit
+    w = c * T + tl.arange(0, T)
+    if REV:
+        p = L - 1 - w
+    else:
+        p = w
+    return w < L, p
+
+@triton.jit
+def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b, sb_n,
+                   C, sc_b, sc_n, D, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, E,
+                   N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr,
+                   ACCUM: tl.constexpr, FINAL: tl.constexpr, SCALE: tl.constexpr):
+    n_idx = tl.arange(0, BN)
+    col = tl.arange(0, T)
+    H = tl.zeros((BE, BN), dtype=tl.float32)
+    if HAS_BIAS:
+        d_bias = tl.load(bias + e, mask=me, other=0.0).to(tl.float32)
+    if HAS_D:
+        d_skip = tl.load(D + e, mask=me, other=0.0).to(tl.float32)
+    for c in range(NCHUNK):
+        mt, p = _tile_positions(c, L, T, REV)
+        m2 = me[:, None] & mt[None, :]
+        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        d_t = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            d_t += d_bias[:, None]
+        if SOFTPLUS:
+            d_t = _softplus(d_t)
+        d_t = tl.where(m2, d_t, 0.0)  # padding steps are the identity: decay 1, input 0
+        dtu = d_t * u_t
+        if HAS_GAP:
+            s_t = tl.load(gap + pid_b * sg_b + p, mask=mt, other=1.0).to(tl.float32)
+            dts = d_t * s_t[None, :]
+        else:
+            dts = d_t
+        if SAVE:  # state before this chunk, for the backward
+            tl.store(hchk + ((pid_b * E + e[:, None]) * NCHUNK + c) * N + n_idx[None, :], H,
+                     mask=me[:, None] & (n_idx[None, :] < N))
+        acc = tl.zeros((BE, T), dtype=tl.float32)
+        for n in tl.static_range(N):
+            a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
+            if A_IS_LOG:
+                a_n = -tl.exp(a_n)
+            b_n = tl.load(Bm + pid_b * sb_b + n * sb_n + p, mask=mt, other=0.0).to(tl.float32)
+            c_n = tl.load(C + pid_b * sc_b + n * sc_n + p, mask=mt, other=0.0).to(tl.float32)
+            decay = tl.exp(dts * a_n[:, None])
+            drive = dtu * b_n[None, :]
+            ca, cx = tl.associative_scan((decay, drive), 1, _combine)
+            h0 = tl.sum(tl.where(n_idx[None, :] == n, H, 0.0), axis=1)
+            h = cx + ca * h0[:, None]
+            acc += h * c_n[None, :]
+            h_last = tl.sum(tl.where(col[None, :] == T - 1, h, 0.0), axis=1)
+            H = tl.where(n_idx[None, :] == n, h_last[:, None], H)
+        if HAS_D:
+            acc += d_skip[:, None] * u_t
+        yp = y + pid_b * sy_b + e[:, None] * sy_e + p[None, :]
+        if ACCUM:
+            acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
+        if FINAL:
+            acc = acc * SCALE
+            if HAS_Z:
+                z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + p[None, :], mask=m2,
+                              other=0.0).to(tl.float32)
+                acc = acc * z_t / (1.0 + tl.exp(-z_t))
+        tl.store(yp, acc.to(y.dtype.element_ty), mask=m2)
+
+@triton.jit
+def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
+             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, E, L, NCHUNK,
+             N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
+             SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
+             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr):
+    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    nb = tl.num_programs(0)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    scale = 1.0 / NDIR
+    _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A0, bias0, Bm, sb_b, sb_n,
+                   C, sc_b, sc_n, D0, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, E,
+                   N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, SAVE,
+                   False, NDIR == 1, scale)
+    if NDIR == 2:
+        _fwd_direction(pid_b, e, me, L, NCHUNK, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1, bias1,
+                       Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
+                       hchk + nb * E * NCHUNK * N, y, sy_b, sy_e, z, sz_b, sz_e, E,
+                       N, BN, BE, T, True, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, SAVE,
+                       True, True, scale)
+
+@triton.jit
+def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b,
+                   sb_n, C, sc_b, sc_n, D, gap, sg_b, hchk, gout, sgo_b, sgo_e, z, sz_b, sz_e,
+                   du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, SCALE,
+                   N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM_DZ: tl.constexpr):
+    # du/ddt/dz: (b, E, L) contiguous; dBp/dCp: (b, NEB, N, L); dAp: (b, E, N); dDp/dbiasp: (b, E)
+    n_idx = tl.arange(0, BN)
+    col = tl.arange(0, T)
+    mn2 = me[:, None] & (n_idx[None, :] < N)
+    G = tl.zeros((BE, BN), dtype=tl.float32)   # dL/dh at the first step after the current chunk
+    dA = tl.zeros((BE, BN), dtype=tl.float32)
+    dD = tl.zeros((BE,), dtype=tl.float32)
+    dbias = tl.zeros((BE,), dtype=tl.float32)
+    if HAS_BIAS:
+        d_bias = tl.load(bias + e, mask=me, other=0.0).to(tl.float32)
+    if HAS_D:
+        d_skip = tl.load(D + e, mask=me, other=0.0).to(tl.float32)
+    for i in range(NCHUNK):
+        c = NCHUNK - 1 - i
+        mt, p = _tile_positions(c, L, T, REV)
+        m2 = me[:, None] & mt[None, :]
+        # the next step in walking order (its decay a_{t+1} carries dh back to step t)
+        if REV:
+            pn = p - 1
+        else:
+            pn = p + 1
+        mtn = (c * T + col + 1) < L
+        m2n = me[:, None] & mtn[None, :]
+        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        r_t = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        r_n = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + pn[None, :], mask=m2n, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            r_t += d_bias[:, None]
+            r_n += d_bias[:, None]
+        if SOFTPLUS:
+            d_t = _softplus(r_t)
+            d_n = _softplus(r_n)
+        else:
+            d_t = r_t
+            d_n = r_n
+        d_t = tl.where(m2, d_t, 0.0)
+        d_n = tl.where(m2n, d_n, 0.0)
+        dtu = d_t * u_t
+        if HAS_GAP:
+            s_t = tl.load(gap + pid_b * sg_b + p, mask=mt, other=1.0).to(tl.float32)
+            s_n = tl.load(gap + pid_b * sg_b + pn, mask=mtn, other=1.0).to(tl.float32)
+            s2 = s_t[None, :] + tl.zeros((BE, T), dtype=tl.float32)
+            dts = d_t * s2
+            dtsn = d_n * s_n[None, :]
+        else:
+            s2 = tl.full((BE, T), 1.0, dtype=tl.float32)
+            dts = d_t
+            dtsn = d_n
+        go = tl.load(gout + pid_b * sgo_b + e[:, None] * sgo_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        go = go * SCALE
+        if HAS_Z:
+            z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+            sig_z = 1.0 / (1.0 + tl.exp(-z_t))
+            gy = go * z_t * sig_z
+        else:
+            gy = go
+        Hc = tl.load(hchk + ((pid_b * E + e[:, None]) * NCHUNK + c) * N + n_idx[None, :], mask=mn2, other=0.0)
+        y_acc = tl.zeros((BE, T), dtype=tl.float32)
+        g_ddt = tl.zeros((BE, T), dtype=tl.float32)
+        g_du = tl.zeros((BE, T), dtype=tl.float32)
+        part = ((pid_b * NEB + pid_e) * N) * L
+        for n in tl.static_range(N):
+            a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
+            if A_IS_LOG:
+                a_n = -tl.exp(a_n)
+            b_n = tl.load(Bm + pid_b * sb_b + n * sb_n + p, mask=mt, other=0.0).to(tl.float32)
+            c_n = tl.load(C + pid_b * sc_b + n * sc_n + p, mask=mt, other=0.0).to(tl.float32)
+            decay = tl.exp(dts * a_n[:, None])
+            drive = dtu * b_n[None, :]
+            ca, cx = tl.associative_scan((decay, drive), 1, _combine)
+            h0 = tl.sum(tl.where(n_idx[None, :] == n, Hc, 0.0), axis=1)
+            h = cx + ca * h0[:, None]
+            y_acc += h * c_n[None, :]
+            # reverse recurrence: dh_t = C_t g_t + a_{t+1} dh_{t+1}, a_{t+1} = 0 past the sequence end
+            a_next = tl.where(m2n, tl.exp(dtsn * a_n[:, None]), 0.0)
+            ga, gx = tl.associative_scan((a_next, gy * c_n[None, :]), 1, _combine, reverse=True)
+            g_in = tl.sum(tl.where(n_idx[None, :] == n, G, 0.0), axis=1)
+            dh = gx + ga * g_in[:, None]
+            G = tl.where(n_idx[None, :] == n, tl.sum(tl.where(col[None, :] == 0, dh, 0.0), axis=1)[:, None], G)
+            dh = tl.where(m2, dh, 0.0)
+            hx = dh * (h - drive)                     # dh_t · a_t h_{t-1}
+            g_ddt += dh * u_t * b_n[None, :] + hx * a_n[:, None] * s2
+            g_du += dh * b_n[None, :]
+            dA_n = tl.sum(hx * dts, axis=1)
+            if A_IS_LOG:
+                dA_n = dA_n * a_n
+            dA += tl.where(n_idx[None, :] == n, dA_n[:, None], 0.0)
+            tl.store(dBp + part + n * L + p, tl.sum(dh * dtu, axis=0), mask=mt)
+            tl.store(dCp + part + n * L + p, tl.sum(gy * h, axis=0), mask=mt)
+        g_du = g_du * d_t
+        if HAS_D:
+            y_acc += d_skip[:, None] * u_t
+            g_du += gy * d_skip[:, None]
+            dD += tl.sum(tl.where(m2, gy * u_t, 0.0), axis=1)
+        if SOFTPLUS:
+            g_ddt = g_ddt / (1.0 + tl.exp(-r_t))
+        g_ddt = tl.where(m2, g_ddt, 0.0)
+        if HAS_BIAS:
+            dbias += tl.sum(g_ddt, axis=1)
+        off = (pid_b * E + e[:, None]) * L + p[None, :]
+        tl.store(du + off, g_du, mask=m2)
+        tl.store(ddt + off, g_ddt, mask=m2)
+        if HAS_Z:
+            gz = go * y_acc * sig_z * (1.0 + z_t * (1.0 - sig_z))
+            if ACCUM_DZ:
+                gz += tl.load(dz + off, mask=m2, other=0.0)
+            tl.store(dz + off, gz, mask=m2)
+    tl.store(dAp + (pid_b * E + e[:, None]) * N + n_idx[None, :], dA, mask=mn2)
+    if HAS_D:
+        tl.store(dDp + pid_b * E + e, dD, mask=me)
+    if HAS_BIAS:
+        tl.store(dbiasp + pid_b * E + e, dbias, mask=me)
+
+@triton.jit
+def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
+             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, gout, sgo_b, sgo_e, hchk,
+             du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, L, NCHUNK, NEB,
+             N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
+             SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
+             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr):
+    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    nb = tl.num_programs(0)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    scale = 1.0 / NDIR
+    _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b, sd_e, A0, bias0, Bm, sb_b,
+                   sb_n, C, sc_b, sc_n, D0, gap, sg_b, hchk, gout, sgo_b, sgo_e, z, sz_b, sz_e,
+                   du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, scale,
+                   N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, False)
+    if NDIR == 2:
+        sz_grad = nb * E * L
+        _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1,
+                       bias1, Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
+                       hchk + nb * E * NCHUNK * N, gout, sgo_b, sgo_e, z, sz_b, sz_e,
+                       du + sz_grad, ddt + sz_grad, dz, dBp + nb * NEB * N * L, dCp + nb * NEB * N * L,
+                       dAp + nb * E * N, dDp + nb * E, dbiasp + nb * E, E, scale,
+                       N, BN, BE, T, True, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, True)

@@ -1,0 +1,162 @@
+"""The fused Triton scan and conv ops (``tokenprune.ssm.fused_ops``) against float64 references, forward and
+backward, every optional input; exits 1 on a mismatch.
+
+Run with TRITON_INTERPRET=1 on CPU (tests/test_fused_ops.py does) or as is on a GPU:
+    python tests/scripts/fused_check.py [--device cuda] [--cases small|gpu]
+The reference for direction 1 is the causal scan / conv of the flipped sequence, flipped back (what ViM
+computes with flips); gap-aware decay is checked against its standard-kernel form (Δ·s, B / s).
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from tokenprune.ssm.fused_ops import conv1d_silu, fused_selective_scan
+from tokenprune.ssm.reference import selective_scan_reference
+
+# (ndir, batch, E, N, L, optionals, layout, dtype)
+SMALL = [
+    (2, 2, 6, 3, 37, "all", "bel", torch.float32),      # both directions, gaps, N not a power of 2
+    (1, 1, 5, 4, 1, "all", "bel", torch.float32),       # one step
+    (2, 2, 7, 2, 70, "none", "ebl", torch.float32),     # > 1 chunk at T=64, channel-major layout, no optionals
+    (1, 2, 33, 3, 20, "z_only", "bel", torch.float32),  # E over one channel block
+    (2, 1, 6, 4, 29, "all", "ebl", torch.bfloat16),     # bf16 inputs and output
+]
+# N = 16 as in every real model (N is a compile-time constant: fewer kernel variants to compile)
+GPU = [
+    (2, 8, 384, 16, 197, "all", "ebl", torch.float32),   # ViM-T, the mixer's layout
+    (2, 4, 768, 16, 197, "all", "ebl", torch.bfloat16),  # ViM-S in bf16
+    (1, 2, 256, 16, 1100, "all", "bel", torch.float32),  # one direction, long sequence
+    (2, 4, 384, 16, 99, "gap", "ebl", torch.float32),    # pruned (gap-aware) sequence, no gate
+    (2, 3, 37, 16, 70, "none", "bel", torch.float32),    # partial channel block and chunk, no optionals
+]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).abs().max() / max(1.0, ref.abs().max().item())).item()
+
+
+def layout(x, kind):
+    """(..., b, E, L) values laid out (..., E, b, L) in memory when kind == 'ebl'."""
+    if kind == "bel":
+        return x.contiguous()
+    return x.transpose(-3, -2).contiguous().transpose(-3, -2)
+
+
+def make(ndir, b, E, N, L, opt, kind, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(u=r(ndir, b, E, L), dt=r(ndir, b, E, L), A0=0.5 * r(E, N), A1=0.5 * r(E, N), B=r(ndir, b, N, L),
+             C=r(ndir, b, N, L), D0=r(E), D1=r(E), z=r(b, E, L), bias0=r(E), bias1=r(E),
+             gap=1.0 + torch.randint(0, 4, (ndir, b, L), generator=g).float())
+    drop = {"all": (), "none": ("D0", "D1", "z", "bias0", "bias1", "gap"), "z_only": ("D0", "D1", "bias0",
+            "bias1", "gap"), "gap": ("z",)}[opt]
+    if ndir == 1:
+        drop = drop + ("A1", "D1", "bias1")
+    out = {}
+    for k, v in x.items():
+        if k in drop:
+            out[k] = None
+            continue
+        if k in ("u", "dt", "z"):
+            v = layout(v.to(dtype), kind)
+        elif k in ("B", "C"):
+            v = v.to(dtype)
+        out[k] = v.to(device)
+    return out
+
+
+def reference(x):
+    """float64: each direction through the reference loop, direction 1 on the flipped sequence."""
+    d = {k: None if v is None else v.double() for k, v in x.items()}
+    ndir = d["u"].shape[0]
+    ys = []
+    for i in range(ndir):
+        flip = (lambda t: t.flip(-1)) if i == 1 else (lambda t: t)
+        bias = d["bias%d" % i]
+        delta = d["dt"][i] + (bias[:, None] if bias is not None else 0)
+        delta = F.softplus(delta) if bias is not None else delta.abs()
+        s = d["gap"][i][:, None, :] if d["gap"] is not None else torch.ones_like(delta[:, :1])
+        y = selective_scan_reference(flip(d["u"][i]), flip(delta * s), -torch.exp(d["A%d" % i]),
+                                     flip(d["B"][i] / s), flip(d["C"][i]), d["D%d" % i])
+        ys.append(flip(y))
+    y = sum(ys) / ndir
+    return y * F.silu(d["z"]) if d["z"] is not None else y
+
+
+def ours(x):
+    softplus = x["bias0"] is not None
+    dt = x["dt"] if softplus else x["dt"].abs()  # without bias/softplus: positive steps, as softplus gives
+    return fused_selective_scan(x["u"], dt, x["A0"], x["B"], x["C"], x["D0"], x["z"], x["bias0"], A1=x["A1"],
+                                D1=x["D1"], bias1=x["bias1"], gap=x["gap"], softplus=softplus, a_is_log=True)
+
+
+def check_scan(case, device, seed):
+    ndir, b, E, N, L, opt, kind, dtype = case
+    x = make(*case, device, seed)
+    leaves = {k: None if v is None or k == "gap" else v.detach().clone().requires_grad_() for k, v in x.items()}
+    leaves["gap"] = x["gap"]
+    ref_in = {k: None if v is None or k == "gap" else v.detach().double().requires_grad_() for k, v in x.items()}
+    ref_in["gap"] = x["gap"]
+    y = ours(leaves)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    y.backward(gy.to(y.dtype))
+    yr = reference(ref_in)
+    yr.backward(gy.double())
+    errs = {"y": rel_err(y, yr)}
+    if y.dtype != x["u"].dtype:
+        errs["y_dtype"] = float("inf")
+    for k, v in leaves.items():
+        if v is not None and k != "gap":
+            errs["d" + k] = rel_err(v.grad, ref_in[k].grad)
+    with torch.no_grad():  # inference: no states saved
+        errs["no_grad"] = rel_err(ours(x), yr)
+    return errs
+
+
+def check_conv(ndir, b, E, L, kind, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = layout(torch.randn(b, E, L, generator=g).to(dtype), kind).to(device).requires_grad_()
+    ws = [torch.randn(E, 1, 4, generator=g).to(device).requires_grad_() for _ in range(2)]
+    bs = [torch.randn(E, generator=g).to(device).requires_grad_() for _ in range(2)]
+    out = conv1d_silu(x, ws[0], bs[0], ws[1] if ndir == 2 else None, bs[1] if ndir == 2 else None)
+    go = torch.randn(out.shape, generator=g).to(device)
+    out.backward(go.to(out.dtype))
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in ws]
+    b64 = [t.detach().double().requires_grad_() for t in bs]
+    ref = [F.silu(F.conv1d(F.pad(x64, (3, 0)), w64[0], b64[0], groups=E))]
+    if ndir == 2:
+        ref.append(F.silu(F.conv1d(F.pad(x64.flip(-1), (3, 0)), w64[1], b64[1], groups=E)).flip(-1))
+    ref = torch.stack(ref)
+    ref.backward(go.double())
+    errs = {"out": rel_err(out, ref), "dx": rel_err(x.grad, x64.grad)}
+    for i in range(ndir):
+        errs[f"dw{i}"] = rel_err(ws[i].grad, w64[i].grad)
+        errs[f"db{i}"] = rel_err(bs[i].grad, b64[i].grad)
+    return errs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", default="small", choices=["small", "gpu"])
+    args = ap.parse_args()
+    failed = False
+    for i, case in enumerate(SMALL if args.cases == "small" else GPU):
+        tol = TOL[case[-1]]
+        for what, errs in (("scan", check_scan(case, args.device, 10 + i)),
+                           ("conv", check_conv(case[0], case[1], case[2], case[4], case[6], case[7],
+                                               args.device, 20 + i))):
+            worst = max(errs.values())
+            failed |= not worst <= tol
+            detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            print(f"{what} {case[:7]} {str(case[7]).split('.')[-1]}: worst {worst:.2e} (tol {tol:g}) [{detail}]")
+    print("FAILED" if failed else "all fused-op checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""ViM's fused mixer path (Triton ops) against the per-direction reference path: logits and every gradient of
+the unpruned model, and the logits of hidden-state-aligned pruning (gap-aware decay fused in the scan);
+prints OK on the last line or exits 1.
+
+    TRITON_INTERPRET=1 python tests/scripts/vim_fused_check.py            # CPU: a 2-block ViM-micro
+    python tests/scripts/vim_fused_check.py --device cuda --model vim_tiny_patch16_224
+"""
+import argparse
+import sys
+
+import timm
+import torch
+
+import tokenprune
+from tokenprune.ssm import scan_impl, scan_impl_report
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="vim_micro_patch8_56")
+    ap.add_argument("--depth", type=int, default=None, help="fewer blocks (CPU interpreter speed)")
+    ap.add_argument("--tol", type=float, default=1e-4)
+    args = ap.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+    depth = args.depth if args.depth is not None else (2 if args.device == "cpu" else None)
+    kw = {} if depth is None else {"depth": depth}
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, **kw).to(args.device)
+    size = model.patch_embed.img_size
+    x = torch.randn(2, 3, *size, device=args.device)
+    res = {}
+    for impl in ("reference", "triton"):
+        model.zero_grad()
+        with scan_impl(impl):
+            out = model(x)
+        out.square().mean().backward()
+        res[impl] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (o_ref, g_ref), (o_fus, g_fus) = res["reference"], res["triton"]
+    errs = {"logits": ((o_fus - o_ref).abs().max() / o_ref.abs().max().clamp(min=1)).item()}
+    missing = set(g_ref) ^ set(g_fus)
+    worst_grad = max(((g_fus[k] - g_ref[k]).abs().max() / g_ref[k].abs().max().clamp(min=1e-6)).item()
+                     for k in g_ref if k in g_fus)
+    errs["grads"] = worst_grad
+    layers = [0] if len(model.layers) < 6 else None  # prune after block 0: block 1 runs with gaps
+    pruned = tokenprune.create_model(model, "hsa", keep=0.7, layers=layers).to(args.device).eval()
+    with torch.no_grad():
+        with scan_impl("reference"):
+            p_ref = pruned(x)
+        with scan_impl("triton"):
+            p_fus = pruned(x)
+    errs["hsa_logits"] = ((p_fus - p_ref).abs().max() / p_ref.abs().max().clamp(min=1)).item()
+    counts = scan_impl_report()["counts"]
+    print(" ".join(f"{k}={v:.2e}" for k, v in errs.items()), f"params with grads: {len(g_ref)}",
+          f"scan impl counts {counts}")
+    ok = not missing and max(errs.values()) <= args.tol and counts["triton"] > 0
+    print("OK" if ok else f"FAILED (missing grads: {sorted(missing)})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

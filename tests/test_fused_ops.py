@@ -1,0 +1,167 @@
+"""The fused Triton scan/conv custom ops (``tokenprune.ssm.fused_ops``) and ViM's fused mixer path.
+
+On CPU the kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before the
+kernels are imported); shape-only checks run on the ``meta`` device through the ops' fake implementations;
+the `gpu` tests run the same checks compiled, plus whole models, torch.compile and CUDA-graph capture.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import tokenprune  # noqa: F401  (registers the models)
+from tokenprune.ssm import scan_impl
+from tokenprune.ssm.fused_ops import conv1d_silu, fused_selective_scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "tests", "scripts")
+pytest.importorskip("triton")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _run(script, *args, interpret=True):
+    env = {**os.environ, "TOKENPRUNE_SCAN": ""}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *args], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_interpreted_fused_ops_match_float64_references():
+    out = _run("fused_check.py")
+    assert out.strip().splitlines()[-1] == "all fused-op checks passed", out
+    assert out.count("scan (") == 5 and out.count("conv (") == 5, out
+
+
+@pytest.mark.slow
+def test_interpreted_vim_fused_path_matches_the_reference_model():
+    out = _run("vim_fused_check.py")
+    assert "OK" in out.strip().splitlines()[-1], out
+
+
+def _scan_args(ndir=2, b=2, E=8, N=4, L=5, device="meta"):
+    t = lambda *s: torch.empty(*s, device=device)  # noqa: E731
+    return dict(u=t(ndir, b, E, L), dt=t(ndir, b, E, L), A0=t(E, N), B=t(ndir, b, N, L), C=t(ndir, b, N, L),
+                D0=t(E), z=t(b, E, L), bias0=t(E), A1=t(E, N) if ndir == 2 else None,
+                D1=t(E) if ndir == 2 else None, bias1=t(E) if ndir == 2 else None)
+
+
+def test_fake_implementations_give_shapes_dtypes_and_layout_on_meta():
+    args = _scan_args()
+    y = fused_selective_scan(**args, softplus=True, a_is_log=True)
+    assert y.shape == (2, 8, 5) and y.device.type == "meta" and y.dtype == torch.float32
+    # the (E, b, L) memory order of a channel-major input is kept: the mixer's out_proj reads it as a view
+    cm = torch.empty(2, 8, 2, 5, device="meta").transpose(1, 2)
+    args.update(u=cm, dt=cm)
+    y = fused_selective_scan(**args, softplus=True, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.stride() == (5, 10, 1)
+    x = torch.empty(2, 8, 7, device="meta")
+    w = torch.empty(8, 1, 4, device="meta")
+    out = conv1d_silu(x, w, torch.empty(8, device="meta"), w, torch.empty(8, device="meta"))
+    assert out.shape == (2, 2, 8, 7)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(u=torch.empty(2, 8, 5)), r"u must be \(NDIR, batch, E, L\), got shape \(2, 8, 5\)"),
+    (dict(dt=torch.empty(2, 2, 8, 6)), r"dt has shape \(2, 2, 8, 6\), expected \(2, 2, 8, 5\)"),
+    (dict(A1=None), r"A1 is required exactly when NDIR == 2 \(NDIR=2\)"),
+    (dict(B=torch.empty(2, 2, 3, 5)), r"B has shape \(2, 2, 3, 5\), expected \(2, 2, 4, 5\)"),
+    (dict(u=torch.empty(3, 2, 8, 5)), r"NDIR \(u.shape\[0\]\) must be 1 or 2, got 3"),
+    (dict(D1=None), r"D and bias must be given for both directions or neither"),
+])
+def test_bad_scan_input_is_a_clear_error(change, message):
+    args = {k: (v if v is None else torch.empty(v.shape)) for k, v in _scan_args().items()}
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        fused_selective_scan(**args)
+
+
+def test_float64_and_mixed_devices_are_refused():
+    args = {k: (v if v is None else torch.empty(v.shape)) for k, v in _scan_args().items()}
+    with pytest.raises(ValueError, match="u has dtype torch.float64; expected float32, float16 or bfloat16"):
+        fused_selective_scan(**{**args, "u": args["u"].double()})
+    with pytest.raises(ValueError, match="all inputs must be on one device"):
+        fused_selective_scan(**{**args, "z": torch.empty(2, 8, 5, device="meta")})
+    with pytest.raises(ValueError, match=r"conv1d_silu: w0 has shape \(8, 3\), expected \(8, 4\)|"
+                                         r"conv1d_silu: b0 has shape \(3,\), expected \(8,\)"):
+        conv1d_silu(torch.empty(2, 8, 7), torch.empty(8, 4), torch.empty(3))
+
+
+def test_vim_forward_runs_on_meta_through_the_fake_implementations():
+    model = timm.create_model("vim_micro_patch8_56").to("meta").eval()
+    x = torch.empty(2, 3, 56, 56, device="meta")
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, model.num_classes) and out.device.type == "meta"
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@gpu
+def test_compiled_fused_ops_match_float64_references_on_gpu():
+    out = _run("fused_check.py", "--device", "cuda", "--cases", "gpu", interpret=False)
+    assert out.strip().splitlines()[-1] == "all fused-op checks passed", out
+
+
+@pytest.mark.gpu
+@gpu
+def test_vim_fused_path_matches_the_reference_on_gpu():
+    out = _run("vim_fused_check.py", "--device", "cuda", "--model", "vim_tiny_patch16_224", interpret=False)
+    assert "OK" in out.strip().splitlines()[-1], out
+
+
+def _vim_cuda():
+    torch.manual_seed(0)
+    return timm.create_model("vim_tiny_patch16_224").cuda().eval(), torch.randn(4, 3, 224, 224, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_torch_compile_through_the_custom_ops_equals_eager():
+    model, x = _vim_cuda()
+    with torch.no_grad(), scan_impl("triton"):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(compiled, eager, atol=1e-3, rtol=1e-3), (compiled - eager).abs().max()
+
+
+@pytest.mark.gpu
+@gpu
+def test_vim_forward_captures_in_a_cuda_graph_without_host_syncs():
+    model, x = _vim_cuda()
+    with torch.no_grad(), scan_impl("triton"):
+        eager = model(x)
+        static = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(static)  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                out = model(static)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_bf16_autocast_runs_the_scan_in_bf16_and_stays_close():
+    model, x = _vim_cuda()
+    with torch.no_grad(), scan_impl("triton"):
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
