@@ -48,7 +48,7 @@ def main(argv=None):
     budgets = [576] + [b for b in args.budgets if b != 576]  # the unreduced model first: the ratios' base
     cuda = args.device.startswith("cuda")
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
-    iters = args.iters if args.iters is not None else (10 if cuda else 10)
+    iters = args.iters if args.iters is not None else (10 if cuda else 20)
 
     t0 = time.perf_counter()
     model = build_model(real=args.real_shapes, device=args.device, dtype=dtype, text_layers=args.layers,

@@ -76,50 +76,59 @@ def _cache_bytes(cache) -> Optional[int]:
     return total
 
 
-def _time(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _once(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
 def measure(model, budgets: Sequence[int] = BUDGETS, method: str = "visionzip", n_text: int = 32,
             warmup: int = 2, iters: int = 5) -> List[dict]:
-    """One row per budget: visual tokens, FLOPs, TTFT, LLM prefill time, KV cache, peak memory (CUDA)."""
+    """One row per budget: visual tokens, FLOPs, TTFT, LLM prefill time, KV cache, peak memory (CUDA).
+
+    The budgets are timed interleaved (one run of each per round), so a load change on a shared machine hits
+    all of them alike; each time is the median over the rounds.
+    """
     device = str(next(model.parameters()).device)
+    cuda = device.startswith("cuda")
     inputs = prompt_inputs(model, n_text, device)
-    rows = []
+    elem = next(model.parameters()).element_size()
+    rows, runs = [], []
     for budget in budgets:
         reduced = attach(model, method, budget)
         prepared = reduced.prepare(**inputs)
         n_vis = int((prepared["input_ids"] == model.config.image_token_id).sum())
-        llm = lambda: model(**prepared, use_cache=True, logits_to_keep=1)  # noqa: E731
-        ttft = lambda: model(**reduced.prepare(**inputs), use_cache=True, logits_to_keep=1)  # noqa: E731
+        llm = lambda p=prepared: model(**p, use_cache=True, logits_to_keep=1)  # noqa: E731
+        ttft = lambda r=reduced: model(**r.prepare(**inputs), use_cache=True, logits_to_keep=1)  # noqa: E731
         peak = None
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         out = ttft()
-        if device.startswith("cuda"):
+        if cuda:
             peak = torch.cuda.max_memory_allocated() - base
         kv = _cache_bytes(out.past_key_values)
         del out
-        t_first = _time(ttft, device, warmup, iters)
-        t_llm = _time(llm, device, warmup, iters)
         fl = prefill_flops(model.config, n_vis, n_text)
-        elem = next(model.parameters()).element_size()
+        analytic = kv_cache_bytes(model.config, n_vis + n_text, elem)
         rows.append(dict(budget=budget, visual_tokens=n_vis, seq_len=n_vis + n_text, flops=fl["total"],
-                         llm_flops=fl["llm"], ttft_s=t_first, llm_prefill_s=t_llm,
-                         kv_bytes=kv if kv is not None else kv_cache_bytes(model.config, n_vis + n_text, elem),
-                         kv_bytes_analytic=kv_cache_bytes(model.config, n_vis + n_text, elem), peak_bytes=peak))
+                         llm_flops=fl["llm"], kv_bytes=analytic if kv is None else kv, kv_bytes_analytic=analytic,
+                         peak_bytes=peak))
+        runs.append((ttft, llm))
+    for _ in range(warmup):
+        for ttft, llm in runs:
+            ttft(), llm()
+    times = [([], []) for _ in runs]
+    for _ in range(iters):
+        for (ttft, llm), (t_first, t_llm) in zip(runs, times):
+            t_first.append(_once(ttft, device))
+            t_llm.append(_once(llm, device))
+    for row, (t_first, t_llm) in zip(rows, times):
+        row["ttft_s"], row["llm_prefill_s"] = statistics.median(t_first), statistics.median(t_llm)
     return rows
 
 
