@@ -10,7 +10,6 @@ weights the picture shows the machinery, not what a trained tower attends to; pa
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 from typing import Dict, List, Optional, Sequence
@@ -82,21 +81,32 @@ def write(out_dir: str, rows: List[dict], env: str, settings: str, picture: Opti
     return path
 
 
-def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/vlm")
-    ap.add_argument("--weights", default=None, help="local llava-hf LLaVA-1.5 directory (from_pretrained)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--method", default="visionzip", choices=sorted(METHODS), help="method timed in the table")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS),
-                    help="methods drawn in the kept-patches picture")
-    ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    ap.add_argument("--image", default="astronaut", choices=IMAGES)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
+def parser():
+    """jsonargparse, as eval.py: every option also from a YAML file (--config configs/eval/vlm_llava15.yaml)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    ap = ArgumentParser(prog="python -m tokenprune.vlm.report", description=__doc__)
+    ap.add_argument("--config", action=ActionConfigFile)
+    ap.add_argument("--out", type=str, default="reports/vlm")
+    ap.add_argument("--weights", type=Optional[str], default=None,
+                    help="local llava-hf LLaVA-1.5 directory (from_pretrained); default: small random config")
+    ap.add_argument("--device", type=str, default="cpu")
+    ap.add_argument("--dtype", type=Optional[str], default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--method", type=str, default="visionzip", help=f"method timed in the table: {sorted(METHODS)}")
+    ap.add_argument("--methods", type=List[str], default=list(METHODS), help="methods drawn in the picture")
+    ap.add_argument("--budgets", type=List[int], default=list(BUDGETS))
+    ap.add_argument("--image", type=str, default="astronaut", help=f"one of {list(IMAGES)}")
+    ap.add_argument("--prompt_tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> str:
+    args = parser().parse_args(argv)
+    for m in [args.method] + list(args.methods):
+        if m not in METHODS:
+            raise ValueError(f"unknown visual-token method {m!r}; expected one of {sorted(METHODS)}")
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     budgets = [576] + [b for b in args.budgets if b != 576]
