@@ -61,7 +61,8 @@ def main(argv=None):
         shapes += f", {args.layers} tower + {args.layers} LLM layers"
     title = f"VLM prefill with {args.method}, {shapes}"
     text = (f"{header(title)}- {environment(model)}\n- one image, {args.prompt_tokens}-token prompt, batch 1, "
-            f"median of {iters} runs after {warmup} warm-up; model built in {built:.1f} s, whole run {total:.1f} s\n\n"
+            f"median of {iters} runs after {warmup} warm-up; model built in {built:.1f} s, whole run {total:.1f} s; "
+            f"load average at the end {os.getloadavg()[0]:.1f}\n\n"
             f"{markdown_table(rows)}\n")
     print(text)
     if args.record:

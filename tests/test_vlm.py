@@ -263,3 +263,29 @@ def test_benchmark_rows(llava):
     assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)  # the cache holds exactly the tokens fed
     assert rows[1]["flops"] < rows[0]["flops"]
     assert "| 64 | 64 | 72 |" in markdown_table(rows)
+
+
+def test_full_select_strategy_feeds_and_protects_the_cls(llava_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True).eval()
+    model.config.vision_feature_select_strategy = "full"  # 577 tokens: the CLS is fed too
+    ids, pv = prompt(n_img=577), pixels()
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pv).logits
+        assert torch.equal(attach(model, "l2", 577)(ids, pv).logits, ref)
+    with pytest.raises(ValueError, match="budget 578 .* 577"):
+        attach(model, "l2", 578)
+    for method in METHODS:
+        reduced = attach(model, method, 16)
+        assert reduced.encode_images(pv)[0].shape[0] == 16
+        assert int(reduced.last_kept[0][0, 0]) == -1, method  # the CLS first, never dropped or merged
+
+
+def test_report_cli(tmp_path):
+    pytest.importorskip("skimage")
+    from tokenprune.vlm.report import main
+
+    path = main(["--out", str(tmp_path), "--methods", "[visionzip, tome]", "--budgets", "[576, 64]",
+                 "--warmup", "0", "--iters", "1", "--prompt_tokens", "8"])
+    text = open(path).read()
+    assert "| 64 | 64 | 72 |" in text and "vlm_kept_patches.png" in text
+    assert (tmp_path / "vlm_kept_patches.png").stat().st_size > 10_000

@@ -101,7 +101,7 @@ class ReducedVLM(nn.Module):
         hidden = out.hidden_states[self.layer + 1]
         if not captured:
             return hidden, None, None
-        heads = self.attn.num_heads if hasattr(self.attn, "num_heads") else self.model.config.vision_config.num_attention_heads
+        heads = self.model.config.vision_config.num_attention_heads
         cls_attn, keys = cls_attention_and_keys(captured["q_proj"], captured["k_proj"], heads)
         return hidden, cls_attn, keys
 
