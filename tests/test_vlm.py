@@ -224,6 +224,8 @@ def test_bad_input_errors_name_the_value(llava):
         attach(llava, "evit", 64)
     with pytest.raises(ValueError, match="budget must be an int >= 1.*got 0"):
         attach(llava, "l2", 0)
+    with pytest.raises(ValueError, match="method 'l2' takes a budget only"):
+        attach(llava, "l2", 64, contextual=10)
     text = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, vocab_size=32))
     with pytest.raises(TypeError, match="unsupported model class LlamaForCausalLM"):
@@ -253,6 +255,18 @@ def test_cost_formulas():
     full, reduced = prefill_flops(real, 576, 32), prefill_flops(real, 64, 32)
     assert 0.15 < reduced["llm"] / full["llm"] < 0.17  # ~linear in the sequence: 96 / 608 plus attention
     assert kv_cache_bytes(real, 608) == 2 * 32 * 608 * 4096 * 2  # 304 MiB in bf16
+
+
+def test_benchmark_model_without_init_on_the_device():
+    """The --real-shapes path (no transformers init, N(0, 0.02) filled on the device), on the small config."""
+    from tokenprune.vlm.bench import build_model, prompt_inputs
+
+    model = build_model(real=False, dtype=torch.bfloat16, skip_init=True)
+    params = torch.cat([p.float().flatten() for p in model.parameters()])
+    assert model.dtype == torch.bfloat16 and bool(params.isfinite().all()) and abs(params.std() - 0.02) < 2e-3
+    with torch.no_grad():
+        out = attach(model, "visionzip", 64)(**prompt_inputs(model, 8), logits_to_keep=1)
+    assert out.logits.shape == (1, 1, 160) and bool(out.logits.isfinite().all())
 
 
 def test_benchmark_rows(llava):

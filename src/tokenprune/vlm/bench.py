@@ -22,15 +22,16 @@ BUDGETS = (576, 192, 128, 64)
 
 
 def build_model(real: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                text_layers: Optional[int] = None, vision_layers: Optional[int] = None, seed: int = 0):
+                text_layers: Optional[int] = None, vision_layers: Optional[int] = None, seed: int = 0,
+                skip_init: Optional[bool] = None):
     """A random LLaVA-1.5 (7B shapes when real) built directly on `device` in `dtype`.
 
-    Real shapes skip transformers' weight init (a 7B init on the CPU alone takes minutes) and fill the
-    parameters with N(0, 0.02) on the device; the values do not change the time.
+    skip_init (default: real) skips transformers' weight init (a 7B init on the CPU alone takes minutes) and
+    fills the parameters with N(0, 0.02) on the device; the values do not change the time.
     """
     cfg = llava15_config(real=real, vision_layers=vision_layers, text_layers=text_layers)
     torch.manual_seed(seed)
-    if not real:
+    if not (real if skip_init is None else skip_init):
         return LlavaForConditionalGeneration(cfg).to(device=device, dtype=dtype).eval()
     from transformers.initialization import no_init_weights
 

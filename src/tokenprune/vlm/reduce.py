@@ -77,6 +77,9 @@ def make_spec(method: str = "visionzip", budget: int = 64, unreduced: int = 576,
                          f"got evaluator={evaluator!r}")
     if mode not in ("add", "mean"):
         raise ValueError(f"unknown VisionZip mode {mode!r}; expected 'add' or 'mean'")
+    if method != "visionzip" and (dominant is not None or contextual is not None):
+        raise ValueError(f"dominant/contextual split VisionZip's budget; method {method!r} takes a budget only, "
+                         f"got dominant={dominant!r}, contextual={contextual!r}")
     if method == "visionzip" and dominant is not None:
         if contextual is None:
             raise ValueError(f"dominant={dominant!r} needs contextual too (budget = dominant + contextual)")
