@@ -303,3 +303,29 @@ def test_report_cli(tmp_path):
     text = open(path).read()
     assert "| 64 | 64 | 72 |" in text and "vlm_kept_patches.png" in text
     assert (tmp_path / "vlm_kept_patches.png").stat().st_size > 10_000
+
+
+def test_projector_finetune_lowers_the_caption_loss_and_trains_the_projector_only(llava_dir):
+    pytest.importorskip("skimage")
+    from torch.utils.data import DataLoader
+
+    from tokenprune.vlm.finetune import (CaptionSet, CharTokenizer, ProjectorFinetune, caption_labels, collate,
+                                         finetune)
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True).eval()
+    reduced = attach(model, "visionzip", 64)
+    tok = CharTokenizer(160, reserved=[IMG])
+    ids = collate(IMG, 576)([(torch.zeros(3, 336, 336), torch.tensor(tok("ab")))])["input_ids"]
+    assert caption_labels(ids, torch.ones_like(ids), IMG).tolist() == [[-100] * 577 + tok("ab") + [2]]
+    batch = next(iter(DataLoader(CaptionSet(tok), batch_size=6, collate_fn=collate(IMG, 576))))
+
+    def caption_loss(module):
+        with torch.no_grad():
+            return float(module.loss(batch))
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss0 = caption_loss(ProjectorFinetune(reduced))
+    module = finetune(reduced, tok, epochs=4, batch_size=3, lr=3e-3, accelerator="cpu")
+    assert caption_loss(module) < loss0 - 0.1
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed), changed
