@@ -329,3 +329,7 @@ def test_projector_finetune_lowers_the_caption_loss_and_trains_the_projector_onl
     assert caption_loss(module) < loss0 - 0.1
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed), changed
+
+
+def test_wrapper_state_dict_is_the_models(llava):
+    assert list(attach(llava, "visionzip", 64).state_dict()) == ["model." + k for k in llava.state_dict()]

@@ -63,11 +63,9 @@ class ReducedVLM(nn.Module):
         if self.strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.strategy!r}; expected 'default' or 'full'")
         tower = model.model.vision_tower
-        encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
-        if type(tower).__name__ != "CLIPVisionModel" or encoder is None:
+        if type(tower).__name__ != "CLIPVisionModel" or not hasattr(tower, "encoder"):
             raise TypeError(f"vision tower {type(tower).__name__} is not supported; expected CLIPVisionModel "
                             "(its CLS attention row and keys are read from encoder.layers[i].self_attn)")
-        self.attn = encoder.layers[self.layer].self_attn
         vc = cfg.vision_config
         side = vc.image_size // vc.patch_size
         self.grid = (side, side)
@@ -75,6 +73,11 @@ class ReducedVLM(nn.Module):
         self.spec: ReductionSpec = make_spec(method, budget, self.unreduced, dominant=dominant,
                                              contextual=contextual, evaluator=evaluator, mode=mode, seed=seed)
         self.last_kept: Optional[List[torch.Tensor]] = None  # per image: (tiles, budget) grid index, -1 = CLS
+
+    @property
+    def attn(self) -> nn.Module:
+        """The feature layer's attention (looked up, not registered: the wrapper's state dict stays the model's)."""
+        return self.model.model.vision_tower.encoder.layers[self.layer].self_attn
 
     @property
     def budget(self) -> int:
