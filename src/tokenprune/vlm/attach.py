@@ -156,6 +156,9 @@ class ReducedVLM(nn.Module):
         from the processor)."""
         if not self.is_next:
             return [self.budget] * n_images
+        if not self.reduced:
+            raise ValueError("unreduced LLaVA-NeXT placeholder counts depend on unpadding: take them from the "
+                             "processor")
         cfg = self.model.config
         counts = []
         for s in image_sizes:
