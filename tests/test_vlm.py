@@ -6,7 +6,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration  # noqa: E402
+from transformers import (LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration,  # noqa: E402
+                          LlavaNextForConditionalGeneration)
 
 from tokenprune.pruning import ops  # noqa: E402
 from tokenprune.vlm import attach, load  # noqa: E402
