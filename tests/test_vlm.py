@@ -176,7 +176,7 @@ def _next_inputs(model, sizes, seed=0):
 
 
 def test_next_full_budget_is_the_unmodified_model(llava_next):
-    ids, pv, mask, sizes = _next_inputs(llava_next, [[500, 700], [336, 336]])
+    ids, pv, mask, sizes = _next_inputs(llava_next, [[336, 500], [336, 336]])  # 3 tiles each, unpadded differently
     reduced = attach(llava_next, "visionzip", 576)
     with torch.no_grad():
         ref = llava_next(input_ids=ids, pixel_values=pv, attention_mask=mask, image_sizes=sizes).logits
