@@ -278,6 +278,7 @@ def test_benchmark_rows(llava):
     assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)  # the cache holds exactly the tokens fed
     assert rows[1]["flops"] < rows[0]["flops"]
     assert "| 64 | 64 | 72 |" in markdown_table(rows)
+    assert rows[1]["aten_ops"] > rows[0]["aten_ops"]  # the reduction adds ops; the LLM runs the same ones
 
 
 def test_full_select_strategy_feeds_and_protects_the_cls(llava_dir):

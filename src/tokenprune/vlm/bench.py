@@ -2,7 +2,8 @@
 
 Everything is a ratio against the unreduced budget measured in the same run (DESIGN.md section 5).
 Time to first token = vision tower + reduction + projector + LLM prefill with the logits of the last token;
-the LLM prefill alone is timed too. KV-cache bytes are read from the returned cache.
+the LLM prefill alone is timed too. KV-cache bytes are read from the returned cache. aten ops per time to
+first token (counted with a dispatch mode) tell how much of a small-token prefill is launch overhead on a GPU.
 """
 from __future__ import annotations
 
@@ -77,6 +78,22 @@ def _cache_bytes(cache) -> Optional[int]:
     return total
 
 
+def count_ops(fn) -> int:
+    """aten ops one call runs (a device-free proxy for kernel launches, DESIGN.md section 6)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.n
+
+
 def _once(fn, device: str) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -114,11 +131,12 @@ def measure(model, budgets: Sequence[int] = BUDGETS, method: str = "visionzip", 
             peak = torch.cuda.max_memory_allocated() - base
         kv = _cache_bytes(out.past_key_values)
         del out
+        ops = count_ops(ttft)
         fl = prefill_flops(model.config, n_vis, n_text)
         analytic = kv_cache_bytes(model.config, n_vis + n_text, elem)
         rows.append(dict(budget=budget, visual_tokens=n_vis, seq_len=n_vis + n_text, flops=fl["total"],
                          llm_flops=fl["llm"], kv_bytes=analytic if kv is None else kv, kv_bytes_analytic=analytic,
-                         peak_bytes=peak))
+                         peak_bytes=peak, aten_ops=ops))
         runs.append((ttft, llm))
     for _ in range(warmup):
         for ttft, llm in runs:
@@ -136,15 +154,15 @@ def measure(model, budgets: Sequence[int] = BUDGETS, method: str = "visionzip", 
 def markdown_table(rows: List[dict]) -> str:
     base = rows[0]
     head = ("| budget | visual tokens | LLM sequence | prefill GFLOPs | FLOPs ratio | TTFT ms | TTFT ratio "
-            "| LLM prefill ms | LLM prefill ratio | KV cache MiB | KV ratio | prefill peak MiB |")
-    lines = [head, "|" + "---|" * 12]
+            "| LLM prefill ms | LLM prefill ratio | KV cache MiB | KV ratio | prefill peak MiB | aten ops |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
         lines.append(
             f"| {r['budget']} | {r['visual_tokens']} | {r['seq_len']} | {r['flops'] / 1e9:.2f} "
             f"| {r['flops'] / base['flops']:.3f} | {r['ttft_s'] * 1e3:.2f} | {r['ttft_s'] / base['ttft_s']:.3f} "
             f"| {r['llm_prefill_s'] * 1e3:.2f} | {r['llm_prefill_s'] / base['llm_prefill_s']:.3f} "
-            f"| {r['kv_bytes'] / 2**20:.2f} | {r['kv_bytes'] / base['kv_bytes']:.3f} | {peak} |")
+            f"| {r['kv_bytes'] / 2**20:.2f} | {r['kv_bytes'] / base['kv_bytes']:.3f} | {peak} | {r['aten_ops']} |")
     return "\n".join(lines)
 
 
