@@ -16,6 +16,7 @@ from tokenprune.vlm.cost import kv_cache_bytes, prefill_flops, vision_flops  # n
 from tokenprune.vlm.placeholders import fit_placeholders  # noqa: E402
 
 METHODS = ("visionzip", "cls_attn", "l2", "random", "tome")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add contention
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG])  # a random LM may emit <image>
 
 
