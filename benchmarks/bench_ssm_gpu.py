@@ -31,25 +31,47 @@ from tokenprune.ssm import scan_impl, selective_scan  # noqa: E402
 from tokenprune.ssm.fused_ops import fused_selective_scan  # noqa: E402
 
 DEV = "cuda"
+VIM, DEIT, IMG = "vim_small_patch16_224", "deit_small_patch16_224", 224
+
+
+SMOKE = False  # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script, not the speed)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench(fns, iters=20, rounds=5, warmup=3):
-    """{name: median seconds per call}, the callables interleaved round by round."""
+    """{name: median seconds per call}, the callables interleaved round by round (CUDA events on a GPU)."""
+    if SMOKE:
+        iters, rounds, warmup = 1, 1, 0
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    torch.cuda.synchronize()
+    sync()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times[k].append(a.elapsed_time(b) / 1e3 / iters)
+            if DEV == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(iters):
+                    fn()
+                b.record()
+                torch.cuda.synchronize()
+                times[k].append(a.elapsed_time(b) / 1e3 / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                times[k].append((time.perf_counter() - t0) / iters)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def size(b, E, L):
+    """The real shape, or a tiny one for --smoke."""
+    return (2, 16, min(L, 21)) if SMOKE else (b, E, L)
 
 
 def scan_inputs(b, E, N, L, dtype, ndir=1, seed=0):
@@ -78,7 +100,7 @@ def table(rows, cols):
 
 
 def section_scan(lines, quick, sweep):
-    b, E, N, L = 128, 768, 16, 197
+    (b, E, L), N = size(128, 768, 197), 16
     rows = []
     have_mamba = False
     try:
@@ -150,15 +172,71 @@ def section_scan(lines, quick, sweep):
         lines.append(table(srows, ["BE,T,warps", "ms"]))
 
 
+def section_mixer(lines):
+    """One ViM-S mixer (batch 128): ours (fused, both directions) vs mamba-ssm's fused ``mamba_inner_fn`` per
+    direction (the official kernels; backward direction on the flipped sequence, each with out_proj W/2, which
+    equals out_proj of the mean since out_proj is per token), forward and forward+backward, fp32 and bf16."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    mixer = timm.create_model(VIM).layers[0].mixer.to(DEV)
+    b, _, L = size(128, 0, 197)
+    dim = mixer.dim
+
+    def theirs(h):
+        xz = (mixer.in_proj.weight @ h.reshape(b * L, dim).t()).view(-1, b, L).transpose(0, 1)
+        half = mixer.out_proj.weight / 2
+
+        def one(xz_, sfx):
+            conv, x_proj, dt_proj = (getattr(mixer, n + sfx) for n in ("conv1d", "x_proj", "dt_proj"))
+            A_log, D = (mixer.A_log, mixer.D) if not sfx else (mixer.A_b_log, mixer.D_b)
+            return mamba_inner_fn(xz_, conv.weight, conv.bias, x_proj.weight, dt_proj.weight, half, None,
+                                  -torch.exp(A_log.float()), None, None, D.float(), delta_bias=dt_proj.bias.float(),
+                                  delta_softplus=True)
+        return one(xz, "") + one(xz.flip(-1), "_b").flip(1)
+
+    def ours(h):
+        with scan_impl("triton"):
+            return mixer(h)[0]
+    rows = []
+    for amp in (False, True):
+        h = torch.randn(b, L, dim, device=DEV, requires_grad=True)
+        g = torch.randn(b, L, dim, device=DEV)
+
+        def fwd(fn):
+            def run():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    fn(h)
+            return run
+
+        def fwd_bwd(fn):
+            def run():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = fn(h)
+                out.float().backward(g)
+            return run
+        t = bench({"ours fwd": fwd(ours), "mamba fwd": fwd(theirs), "ours fwd+bwd": fwd_bwd(ours),
+                   "mamba fwd+bwd": fwd_bwd(theirs)}, iters=10, rounds=3)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            diff = (ours(h).float() - theirs(h).float()).abs().max().item()
+        rows.append({"dtype": "bf16 autocast" if amp else "fp32", "ours fwd ms": f"{t['ours fwd'] * 1e3:.3f}",
+                     "mamba-ssm fwd ms": f"{t['mamba fwd'] * 1e3:.3f}",
+                     "fwd mamba/ours": f"{t['mamba fwd'] / t['ours fwd']:.2f}",
+                     "ours fwd+bwd ms": f"{t['ours fwd+bwd'] * 1e3:.3f}",
+                     "mamba-ssm fwd+bwd ms": f"{t['mamba fwd+bwd'] * 1e3:.3f}",
+                     "fwd+bwd mamba/ours": f"{t['mamba fwd+bwd'] / t['ours fwd+bwd']:.2f}",
+                     "max abs diff": f"{diff:.1e}"})
+    lines.append("\n### One ViM-S bidirectional mixer (batch 128): ours vs mamba-ssm's mamba_inner_fn per direction\n")
+    lines.append(table(rows, list(rows[0])))
+
+
 def section_length(lines):
-    b, E, N = 64, 768, 16
+    (b, E, _), N = size(64, 768, 197), 16
     rows, base = [], None
-    for L in (197, 158, 118, 99):
+    for L in ((197, 158, 118, 99) if not SMOKE else (21, 11)):
         x = scan_inputs(b, E, N, L, torch.float32, ndir=2)
         leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
         gy = torch.randn(b, E, L, device=DEV)
 
-        def fwd():
+        def fwd():  # noqa: F811
             with torch.no_grad():
                 fused_selective_scan(x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
                                      A1=x["A1"], D1=x["D1"], bias1=x["bias1"], softplus=True)
@@ -177,10 +255,10 @@ def section_length(lines):
 
 
 def images_per_s(model, batch, amp, iters=10, rounds=3):
-    x = torch.randn(batch, 3, 224, 224, device=DEV)
+    x = torch.randn(batch, 3, IMG, IMG, device=DEV)
 
     def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
             model(x)
     with torch.inference_mode():
         t = bench({"m": run}, iters=iters, rounds=rounds, warmup=3)["m"]
@@ -190,16 +268,17 @@ def images_per_s(model, batch, amp, iters=10, rounds=3):
 def section_models(lines, impls):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    vim = timm.create_model("vim_small_patch16_224").to(DEV).eval()
-    deit = timm.create_model("deit_small_patch16_224").to(DEV).eval()
+    vim = timm.create_model(VIM).to(DEV).eval()
+    deit = timm.create_model(DEIT).to(DEV).eval()
+    batch = 2 if SMOKE else 128
     rows = []
     res = {}
     for amp in (False, True):
-        d = images_per_s(deit, 128, amp)
+        d = images_per_s(deit, batch, amp)
         res[("deit", amp)] = d
         for impl in impls:
             with scan_impl(impl):
-                v = images_per_s(vim, 128, amp)
+                v = images_per_s(vim, batch, amp)
             res[(impl, amp)] = v
             rows.append({"dtype": "bf16 autocast" if amp else "fp32 (TF32)", "ViM-S scan": impl,
                          "ViM-S img/s": f"{v:,.0f}", "DeiT-S img/s": f"{d:,.0f}", "ViM-S ÷ DeiT-S": f"{v / d:.3f}"})
@@ -209,7 +288,7 @@ def section_models(lines, impls):
         lines.append(f"\nViM-S bf16 ÷ fp32 images/s ({impl}): {res[(impl, True)] / res[(impl, False)]:.2f}")
     # logits of the fused path vs the reference loop (fp32, TF32 off for the comparison)
     torch.backends.cuda.matmul.allow_tf32 = False
-    x = torch.randn(4, 3, 224, 224, device=DEV)
+    x = torch.randn(2, 3, IMG, IMG, device=DEV)
     with torch.inference_mode():
         with scan_impl("triton"):
             a = vim(x)
@@ -222,20 +301,22 @@ def section_models(lines, impls):
 
 
 def train_step_rate(model, batch=64, iters=5, rounds=3):
+    batch = 2 if SMOKE else batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224, device=DEV)
-    y = torch.randint(0, 1000, (batch,), device=DEV)
+    x = torch.randn(batch, 3, IMG, IMG, device=DEV)
+    y = torch.randint(0, model.num_classes, (batch,), device=DEV)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.train()
-    torch.cuda.reset_peak_memory_stats()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t = bench({"s": step}, iters=iters, rounds=rounds, warmup=2)["s"]
-    return batch / t, torch.cuda.max_memory_allocated() / 2 ** 30
+    return batch / t, (torch.cuda.max_memory_allocated() / 2 ** 30 if DEV == "cuda" else float("nan"))
 
 
 def section_train(lines, vim, deit, impls):
@@ -252,8 +333,10 @@ def section_train(lines, vim, deit, impls):
 
 def section_kernels(lines, vim):
     from torch.profiler import ProfilerActivity, profile
+    if DEV != "cuda":
+        return
     vim.eval()
-    x = torch.randn(8, 3, 224, 224, device=DEV)
+    x = torch.randn(8, 3, IMG, IMG, device=DEV)
     with torch.inference_mode():
         vim(x)
         torch.cuda.synchronize()
@@ -272,11 +355,24 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time a few scan tile sizes")
     ap.add_argument("--quick", action="store_true", help="skip the training step")
     ap.add_argument("--impls", default="triton", help="comma list of ViM scan impls for the model tables")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes and models on CPU (run with TRITON_INTERPRET=1): checks the script only")
     args = ap.parse_args()
-    lines = [header("SSM path on the GPU (issue 16)")]
+    global DEV, SMOKE, VIM, DEIT, IMG
+    if args.smoke:
+        DEV, SMOKE, VIM, DEIT, IMG = "cpu", True, "vim_micro_patch8_56", "deit_micro_patch8_56", 56
+    lines = [header("SSM path on the GPU (issue 16)" + (" [smoke run on CPU: not a measurement]" if SMOKE else ""))]
     impls = args.impls.split(",")
+    try:
+        import mamba_ssm  # noqa: F401
+        have_mamba = True
+        if "cuda" not in impls:
+            impls.append("cuda")  # the model with mamba-ssm's selective_scan_fn per direction, side by side
+    except Exception:  # noqa: BLE001
+        have_mamba = False
     t0 = time.time()
     for name, fn in (("scan", lambda: section_scan(lines, args.quick, args.sweep)),
+                     ("mixer", lambda: section_mixer(lines) if have_mamba else None),
                      ("length", lambda: section_length(lines))):
         try:
             fn()

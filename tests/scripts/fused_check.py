@@ -139,6 +139,39 @@ def check_conv(ndir, b, E, L, kind, dtype, device, seed):
     return errs
 
 
+def check_compile(device):
+    """torch.compile (fullgraph, aot_eager: fake-tensor tracing through the fake implementations and the
+    registered autograd) and torch.export give the eager values and gradients."""
+    case = (2, 2, 6, 16, 37, "all", "ebl", torch.float32)
+    x = make(*case, device, 5)
+
+    def f(u, dt, A0, A1, B, C, z, w0, b0):
+        uu = conv1d_silu(u[0], w0, b0, w0, b0)
+        return fused_selective_scan(uu, dt, A0, B, C, x["D0"], z, x["bias0"], A1=A1, D1=x["D1"],
+                                    bias1=x["bias1"], gap=x["gap"], softplus=True, a_is_log=True)
+    w0 = torch.randn(6, 1, 4).to(device)
+    b0 = torch.randn(6).to(device)
+    names = ("u", "dt", "A0", "A1", "B", "C", "z")
+    errs = {}
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [x[k].detach().clone().requires_grad_() for k in names] + [w0.clone().requires_grad_(),
+                                                                         b0.clone().requires_grad_()]
+        y = fn(*leaves)
+        y.square().sum().backward()
+        results.append((y.detach(), [t.grad for t in leaves]))
+    (y0, g0), (y1, g1) = results
+    errs["compiled_y"] = rel_err(y1, y0)
+    errs["compiled_grads"] = max(rel_err(a, b) for a, b in zip(g1, g0))
+
+    class M(torch.nn.Module):
+        def forward(self, *a):
+            return f(*a)
+    ep = torch.export.export(M(), tuple(x[k] for k in names) + (w0, b0))
+    errs["exported_y"] = rel_err(ep.module()(*(x[k] for k in names), w0, b0), y0)
+    return errs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -154,6 +187,10 @@ def main():
             failed |= not worst <= tol
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
             print(f"{what} {case[:7]} {str(case[7]).split('.')[-1]}: worst {worst:.2e} (tol {tol:g}) [{detail}]")
+    errs = check_compile(args.device)
+    worst = max(errs.values())
+    failed |= not worst <= 1e-5
+    print(f"compile/export: worst {worst:.2e} [" + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + "]")
     print("FAILED" if failed else "all fused-op checks passed")
     return 1 if failed else 0
 

@@ -58,11 +58,21 @@ DEFAULT_TILE = (32, 64, 4)
 def tile_config(L):
     env = os.environ.get("TOKENPRUNE_SCAN_TILE", "").strip()
     if env:
-        parts = [int(x) for x in env.split(",")]
-        be, t = parts[0], parts[1]
-        warps = parts[2] if len(parts) > 2 else 4
+        try:
+            parts = [int(x) for x in env.split(",")]
+            be, t = parts[0], parts[1]
+            warps = parts[2] if len(parts) > 2 else 4
+        except (ValueError, IndexError):
+            parts = []
+        if not parts or any(v < 1 or v & (v - 1) for v in (be, t, warps)):
+            raise ValueError(f"TOKENPRUNE_SCAN_TILE={env!r}: expected 'BE,T[,warps]', powers of two, e.g. '32,64,4'")
     else:
         be, t, warps = DEFAULT_TILE
-    import triton
-    t = min(t, max(16, triton.next_power_of_2(L)))  # short sequences: no all-padding tiles
+    t = min(t, max(16, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     return be, t, warps
+
+
+def num_chunks(L):
+    """Chunks of the scan for length L (the size of the saved states; the fake implementation uses it too)."""
+    t = tile_config(L)[1]
+    return -(-L // t)
