@@ -339,6 +339,11 @@ class PruningClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def data_config(self) -> dict:
+        """The backbone's timm data config (input size, crop_pct, interpolation, mean/std)."""
+        from ..models.timm_contract import model_data_config
+        return model_data_config(self.model)
+
     def unpruned_model(self) -> PrunedModel:
         """The same backbone (shared weights) without reduction stages: the reference for speed-ups."""
         return PrunedModel(self.model.backbone, [], method=None)
@@ -346,6 +351,8 @@ class PruningClassifier(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(dm, "use_model_data_config"):  # transforms as the model says (data config overrides win)
+            dm.use_model_data_config(self.data_config())
         self.mixup_fn = getattr(dm, "mixup_fn", None)
         loss_fn = getattr(dm, "train_loss_fn", None)
         self.train_loss_fn = loss_fn() if callable(loss_fn) else nn.CrossEntropyLoss()

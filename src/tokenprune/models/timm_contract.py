@@ -131,3 +131,17 @@ def tokens_to_map(tokens: torch.Tensor, grid: Tuple[int, int], output_fmt: str =
     if output_fmt != "NCHW":
         raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
     return x.permute(0, 3, 1, 2).contiguous()
+
+
+def model_data_config(model) -> dict:
+    """timm.data.resolve_model_data_config of the timm model inside a wrapper (PrunedModel.backbone,
+    TimmViT.vit, PlainClassifier.model); {} when none carries a pretrained cfg."""
+    from timm.data import resolve_model_data_config
+
+    seen = 0
+    while model is not None and getattr(model, "pretrained_cfg", None) is None and seen < 4:
+        model = next((getattr(model, a) for a in ("backbone", "vit", "model") if hasattr(model, a)), None)
+        seen += 1
+    if model is None or getattr(model, "pretrained_cfg", None) is None:
+        return {}
+    return resolve_model_data_config(model)
