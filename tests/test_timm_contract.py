@@ -251,3 +251,17 @@ def test_pruned_model_feature_maps_fill_dropped_positions(name, method):
     with torch.no_grad():
         want = full.backbone.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)[0]
         torch.testing.assert_close(full.forward_features(x), want, rtol=0, atol=1e-6)
+
+
+def test_lightning_module_sets_the_datamodule_transforms_from_its_backbone():
+    from types import SimpleNamespace
+
+    from tokenprune.lit.module import PruningClassifier
+
+    module = PruningClassifier(VIM)
+    dm = ShardDataModule(val_shards="x", mixup=0, cutmix=0, std=(0.5, 0.5, 0.5))
+    assert dm.image_size == 224  # no model yet: timm's ImageNet defaults
+    module._trainer = SimpleNamespace(datamodule=dm)
+    module.setup("fit")
+    assert (dm.image_size, dm.resize_size, dm.crop_pct) == (32, 32, 1.0)  # vim_test's cfg
+    assert dm.mean == (0.485, 0.456, 0.406) and dm.std == (0.5, 0.5, 0.5)  # the given std wins

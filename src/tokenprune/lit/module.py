@@ -4,7 +4,8 @@
   ``self.model``; weights come from ``checkpoint_file`` -- a MODEL argument, so ablation values given in the
   config are never replaced by a checkpoint's saved hyperparameters (``--ckpt_path`` is only for resuming);
 * AdamW without weight decay on norms, biases, 1-d parameters, pos_embed / cls_token (and parameters
-  flagged ``_no_weight_decay``), cosine schedule with linear warm-up stepped every optimizer step;
+  flagged ``_no_weight_decay`` or named by the models' ``no_weight_decay()``: ViM's A_log, A_b_log, ...),
+  cosine schedule with linear warm-up stepped every optimizer step;
 * optional EMA of the weights (timm ``ModelEmaV3``; validation/test then use the EMA weights; the EMA is a
   sub-module so its state is part of every checkpoint and a resume is exact);
 * optional knowledge distillation (``distill="logits"`` soft KL, ``"hard"`` DeiT's hard-label CE) from a frozen
@@ -369,11 +370,15 @@ class PruningClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> List[Dict[str, Any]]:
         decay, no_decay = [], []
+        listed = set()  # the models' own no_weight_decay() lists (ViM: A_log, A_b_log, ... as the recipes)
+        for prefix, module in self.model.named_modules():
+            if callable(getattr(module, "no_weight_decay", None)):
+                listed |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES
+            if (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES or name in listed
                     or getattr(p, "_no_weight_decay", False)):
                 no_decay.append(p)
             else:
