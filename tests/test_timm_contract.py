@@ -44,6 +44,11 @@ def test_pretrained_cfg_overlay_file_loads_strictly_like_checkpoint_file(name, t
         want = src(x)
         assert torch.equal(a(x), want) and torch.equal(b(x), want)
     assert a.pretrained_cfg["file"] == path and a.pretrained_cfg["state_dict"] is None  # tensors not kept
+    # features_only loads the same file (before the getter wraps the model)
+    feats = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    with torch.no_grad():
+        want_maps = src.forward_intermediates(x, indices=[3], intermediates_only=True)
+        assert torch.equal(feats.eval()(x)[-1], want_maps[-1])
     # a different head size: timm's rule, the classifier is dropped and everything else loads
     c = timm.create_model(name, pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=path))
     assert c.get_classifier().out_features == 3
