@@ -61,6 +61,7 @@ def test_no_weight_decay_groups():
     nd = {names[id(p)] for p in vim.parameter_groups()[1]["params"]}
     assert "backbone.layers.0.mixer.D" in nd and "backbone.norm_f.weight" in nd and "backbone.cls_token" in nd
     assert "backbone.layers.0.mixer.in_proj.weight" not in nd
+    assert "backbone.layers.0.mixer.A_log" in nd and "backbone.layers.3.mixer.A_b_log" in nd  # no_weight_decay()
 
 
 def test_warmup_cosine():

@@ -20,6 +20,7 @@ including a warning when a full validation pass did not score exactly the expect
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -78,6 +79,12 @@ class ShardDataModule(L.LightningDataModule):
         image_size: crop size fed to the model.
         resize_size: eval resize (shorter side) before the center crop (256 for 224 ImageNet eval).
         mean, std: normalisation.
+        interpolation: resize interpolation ("bicubic", "bilinear", ...).
+        crop_pct: eval crop fraction; resize_size defaults to floor(image_size / crop_pct).
+            These five default to None = what the model says: its timm data config
+            (``timm.data.resolve_model_data_config``, given by :meth:`use_model_data_config`, which the
+            LightningModule calls in its ``setup``); a value set here overrides the model's. Without a model
+            config: 224 / 256, bicubic, ImageNet mean and std.
         batch_size: per-rank training batch size.
         val_batch_size: per-rank eval batch size (default: ``batch_size``).
         num_workers: DataLoader workers per rank (0 = load in the main process).
@@ -97,10 +104,12 @@ class ShardDataModule(L.LightningDataModule):
         val_shards: str | None = None,
         train_samples: int | None = None,
         val_samples: int | None = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -121,10 +130,11 @@ class ShardDataModule(L.LightningDataModule):
         self.val_shards = val_shards
         self.train_samples = train_samples
         self.val_samples = val_samples
-        self.image_size = image_size
-        self.resize_size = resize_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self._given = {k: v for k, v in dict(image_size=image_size, resize_size=resize_size, mean=mean, std=std,
+                                             interpolation=interpolation, crop_pct=crop_pct).items()
+                       if v is not None}
+        self.model_data_config: dict | None = None
+        self._resolve()
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -147,11 +157,13 @@ class ShardDataModule(L.LightningDataModule):
         h = self.hparams
         problems = []
         for name in ("image_size", "resize_size", "batch_size", "num_classes"):
-            if int(h[name]) <= 0:
+            if h[name] is not None and int(h[name]) <= 0:
                 problems.append(f"{name} must be > 0, got {h[name]}")
+        if h.crop_pct is not None and not 0.0 < h.crop_pct <= 1.0:
+            problems.append(f"crop_pct must be in (0, 1], got {h.crop_pct}")
         if h.val_batch_size is not None and h.val_batch_size <= 0:
             problems.append(f"val_batch_size must be > 0, got {h.val_batch_size}")
-        if h.resize_size < h.image_size:
+        if h.resize_size is not None and h.image_size is not None and h.resize_size < h.image_size:
             problems.append(f"resize_size ({h.resize_size}) must be >= image_size ({h.image_size})")
         if h.num_workers < 0:
             problems.append(f"num_workers must be >= 0, got {h.num_workers}")
@@ -167,13 +179,41 @@ class ShardDataModule(L.LightningDataModule):
             problems.append(f"mixup/cutmix alphas must be >= 0, got {h.mixup}/{h.cutmix}")
         if (h.mixup > 0 or h.cutmix > 0) and h.batch_size % 2:
             problems.append(f"timm Mixup needs an even batch_size, got {h.batch_size}")
-        if len(h.mean) != 3 or len(h.std) != 3:
+        if (h.mean is not None and len(h.mean) != 3) or (h.std is not None and len(h.std) != 3):
             problems.append(f"mean and std need 3 values, got {h.mean} / {h.std}")
         for name in ("train_samples", "val_samples"):
             if h[name] is not None and h[name] <= 0:
                 problems.append(f"{name} must be > 0 when given, got {h[name]}")
         if problems:
             raise ValueError("ShardDataModule: " + "; ".join(problems))
+
+    def use_model_data_config(self, config: dict | None) -> None:
+        """Take image size, crop, interpolation and mean/std from the model's timm data config
+        (``timm.data.resolve_model_data_config(model)``); values given to the constructor still win."""
+        self.model_data_config = dict(config) if config else None
+        self._resolve()
+        log.info("eval transform from %s: resize %s (%s) / crop %s, mean %s, std %s",
+                 "the model's data config" if config else "defaults", self.resize_size, self.interpolation,
+                 self.image_size, self.mean, self.std)
+
+    def _resolve(self) -> None:
+        """Effective transform settings: constructor values, else the model's data config, else timm's
+        ImageNet defaults."""
+        cfg = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
+               "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, **(self.model_data_config or {})}
+        given = self._given
+        h, w = cfg["input_size"][-2:]
+        if "image_size" not in given and h != w:
+            raise ValueError(f"ShardDataModule: the model's input size {h}x{w} is not square; set image_size")
+        self.image_size = int(given.get("image_size", h))
+        self.crop_pct = float(given.get("crop_pct", cfg["crop_pct"]))
+        self.resize_size = int(given.get("resize_size", math.floor(self.image_size / self.crop_pct)))
+        if self.resize_size < self.image_size:
+            raise ValueError(f"ShardDataModule: resize_size ({self.resize_size}) must be >= image_size "
+                             f"({self.image_size})")
+        self.interpolation = str(given.get("interpolation", cfg["interpolation"]))
+        self.mean = tuple(float(v) for v in given.get("mean", cfg["mean"]))
+        self.std = tuple(float(v) for v in given.get("std", cfg["std"]))
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Force the (rank, world_size) used for the next dataloaders (tests, custom launchers)."""
@@ -235,10 +275,12 @@ class ShardDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ transforms / training helpers
     def train_transform(self):
         return build_train_transform(self.image_size, self.train_augment, self.auto_augment, self.re_prob,
-                                     self.mean, self.std, resize_size=self.resize_size)
+                                     self.mean, self.std, resize_size=self.resize_size,
+                                     interpolation=self.interpolation)
 
     def eval_transform(self):
-        return build_eval_transform(self.image_size, self.resize_size, self.mean, self.std)
+        return build_eval_transform(self.image_size, self.resize_size, self.mean, self.std,
+                                    interpolation=self.interpolation)
 
     def train_loss_fn(self) -> torch.nn.Module:
         """Loss matching the targets the training batches will have after ``mixup_fn``."""

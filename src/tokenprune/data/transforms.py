@@ -1,5 +1,8 @@
 """Image transforms and the mixup / loss choice for training.
 
+Sizes, interpolation and mean/std come from the model's timm data config through the DataModule
+(:meth:`ShardDataModule.use_model_data_config`); the defaults below are timm's ImageNet ones.
+
 * eval: ``Resize(resize_size, bicubic)`` (shorter side) → ``CenterCrop(image_size)`` → tensor → normalise;
   the ViM/DeiT evaluation transform at 256/224. For the 56×56 digits images use 56/56, which is the
   identity apart from normalisation.
@@ -36,31 +39,40 @@ TRAIN_AUGMENTS = ("timm", "none")
 
 def build_eval_transform(image_size: int = 224, resize_size: int = 256,
                          mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                         std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Callable:
+                         std: Sequence[float] = IMAGENET_DEFAULT_STD, interpolation: str = "bicubic") -> Callable:
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
     return T.Compose([
-        T.Resize(resize_size, interpolation=InterpolationMode.BICUBIC),
+        T.Resize(resize_size, interpolation=_interpolation(interpolation)),
         T.CenterCrop(image_size),
         T.ToTensor(),
         T.Normalize(tuple(mean), tuple(std)),
     ])
 
 
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise ValueError(f"interpolation must be one of {[m.value for m in InterpolationMode]}, "
+                         f"got {name!r}") from None
+
+
 def build_train_transform(image_size: int = 224, augment: str = "timm",
                           auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
                           mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                          std: Sequence[float] = IMAGENET_DEFAULT_STD, resize_size: int | None = None) -> Callable:
+                          std: Sequence[float] = IMAGENET_DEFAULT_STD, resize_size: int | None = None,
+                          interpolation: str = "bicubic") -> Callable:
     if augment not in TRAIN_AUGMENTS:
         raise ValueError(f"train_augment must be one of {TRAIN_AUGMENTS}, got {augment!r}")
     if augment == "none":
-        return build_eval_transform(image_size, resize_size or image_size, mean, std)
+        return build_eval_transform(image_size, resize_size or image_size, mean, std, interpolation)
     return create_transform(
         input_size=image_size,
         is_training=True,
         color_jitter=0.4,
         auto_augment=auto_augment or None,
-        interpolation="bicubic",
+        interpolation=interpolation,
         re_prob=re_prob,
         re_mode="pixel",
         re_count=1,

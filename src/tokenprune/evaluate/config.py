@@ -27,7 +27,7 @@ class BackboneEntry:
         checkpoint_file: local official-layout weights file (never downloaded)
         name: display name in the report (default: the timm name)
         model_kwargs: extra timm.create_model keywords
-        data: per-backbone data overrides (image_size, resize_size, mean, std)
+        data: per-backbone data overrides (image_size, resize_size, mean, std, interpolation, crop_pct)
         methods: the grid's methods this backbone runs, by label or preset name (default: all), so that each
             table has the rows of its paper (e.g. ToMe/VisionZip for DeiT, PuMer/UTR/ToP for ViM)
         reductions: this backbone's budgets (default: the grid's), e.g. only the budget a fine-tuned model
@@ -58,6 +58,9 @@ class MethodEntry:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+DATA_OVERRIDES = ("image_size", "resize_size", "mean", "std", "interpolation", "crop_pct")
+
+
 @dataclass
 class DataConfig:
     """Validation data: a data YAML (ShardDataModule arguments) and/or explicit values (these win).
@@ -66,10 +69,12 @@ class DataConfig:
         config: YAML with ShardDataModule arguments (top level, under `data:`, or `init_args:`)
         val_shards: shard spec: brace pattern, glob, directory, or '::'-joined
         val_samples: samples in the split (default: _info.json)
-        image_size: crop size (must match the backbone's input)
-        resize_size: resize before the center crop (default: 256/224 x image_size for ImageNet sizes)
-        mean: normalisation mean (default ImageNet)
-        std: normalisation std (default ImageNet)
+        image_size: crop size (default: the backbone's input size, from its timm data config)
+        resize_size: resize before the center crop (default: floor(image_size / crop_pct))
+        mean: normalisation mean (default: the backbone's data config)
+        std: normalisation std (default: the backbone's data config)
+        interpolation: resize interpolation (default: the backbone's data config)
+        crop_pct: center-crop fraction (default: the backbone's data config)
         num_classes: default: the backbone's number of classes
         num_workers: default: min(4, CPU cores)
     """
@@ -80,6 +85,8 @@ class DataConfig:
     resize_size: Optional[int] = None
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
     num_classes: Optional[int] = None
     num_workers: Optional[int] = None
 
@@ -208,9 +215,9 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
     for b in cfg.backbones:
         methods_for(b, cfg)  # raises on unknown names
         for key in b.data:
-            if key not in ("image_size", "resize_size", "mean", "std"):
-                raise ValueError(f"backbone {b.model}: unknown data override {key!r}; expected image_size, "
-                                 "resize_size, mean or std")
+            if key not in DATA_OVERRIDES:
+                raise ValueError(f"backbone {b.model}: unknown data override {key!r}; expected one of "
+                                 f"{', '.join(DATA_OVERRIDES)}")
     timed = cfg.throughput.reductions
     if timed is not None:
         if not timed:

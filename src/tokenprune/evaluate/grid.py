@@ -35,6 +35,7 @@ from .config import (BUDGET_MODES, BackboneEntry, DataConfig, EvalConfig, Method
                      ThroughputConfig, VisualizeConfig, _dtype, _to_dataclass, build_parser, normalise_config,
                      methods_for, parse_config, resolve_device)
 from .measure import _flops_fields, _input_size, _jsonable, _throughput, _unique_params, machine_info
+from ..models.timm_contract import model_data_config
 from .variants import (DISPLAY_NAMES, MERGING_REDUCERS, Variant, _applicable, _build_variants,  # noqa: F401
                        _read_data_yaml, build_backbone, build_datamodule, method_label)
 
@@ -177,7 +178,7 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
             v.row.update(_flops_fields(v.model))
     for v in variants:
         v.model.to(device)
-    dm = build_datamodule(cfg.data, cfg.batch_size, bb.num_classes, entry.data)
+    dm = build_datamodule(cfg.data, cfg.batch_size, bb.num_classes, entry.data, model_data_config(bb))
     if tuple(input_size[1:]) != (dm.image_size, dm.image_size):
         raise ValueError(f"{name} takes {input_size[1]}x{input_size[2]} images but the data gives "
                          f"{dm.image_size}x{dm.image_size}; set data.image_size (or the backbone's data: override)")

@@ -77,7 +77,8 @@ def _read_data_yaml(path: str) -> Dict[str, Any]:
     return doc
 
 
-def build_datamodule(data: DataConfig, batch_size: int, num_classes: int, overrides: Optional[dict] = None):
+def build_datamodule(data: DataConfig, batch_size: int, num_classes: int, overrides: Optional[dict] = None,
+                     model_data_config: Optional[dict] = None):
     """ShardDataModule for evaluation (no mixup) from the data YAML, explicit fields and per-backbone overrides."""
     from ..data import ShardDataModule
 
@@ -98,14 +99,12 @@ def build_datamodule(data: DataConfig, batch_size: int, num_classes: int, overri
     args.setdefault("num_workers", min(4, os.cpu_count() or 1))
     args.pop("train_shards", None)
     args.update(val_batch_size=batch_size, mixup=0.0, cutmix=0.0)
-    if "resize_size" not in args and "image_size" in args:
-        args["resize_size"] = max(args["image_size"], round(args["image_size"] * 256 / 224)) \
-            if args["image_size"] >= 224 else args["image_size"]
     if "mean" in args:
         args["mean"] = tuple(args["mean"])
     if "std" in args:
         args["std"] = tuple(args["std"])
     dm = ShardDataModule(**args)
+    dm.use_model_data_config(model_data_config)  # sizes / crop / mean / std the model says, unless set above
     dm.set_distributed(0, 1)  # one process evaluates every sample (RANK/WORLD_SIZE of a launcher are ignored)
     dm.setup("validate")
     return dm

@@ -4,7 +4,8 @@
   ``self.model``; weights come from ``checkpoint_file`` -- a MODEL argument, so ablation values given in the
   config are never replaced by a checkpoint's saved hyperparameters (``--ckpt_path`` is only for resuming);
 * AdamW without weight decay on norms, biases, 1-d parameters, pos_embed / cls_token (and parameters
-  flagged ``_no_weight_decay``), cosine schedule with linear warm-up stepped every optimizer step;
+  flagged ``_no_weight_decay`` or named by the models' ``no_weight_decay()``: ViM's A_log, A_b_log, ...),
+  cosine schedule with linear warm-up stepped every optimizer step;
 * optional EMA of the weights (timm ``ModelEmaV3``; validation/test then use the EMA weights; the EMA is a
   sub-module so its state is part of every checkpoint and a resume is exact);
 * optional knowledge distillation (``distill="logits"`` soft KL, ``"hard"`` DeiT's hard-label CE) from a frozen
@@ -339,6 +340,11 @@ class PruningClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def data_config(self) -> dict:
+        """The backbone's timm data config (input size, crop_pct, interpolation, mean/std)."""
+        from ..models.timm_contract import model_data_config
+        return model_data_config(self.model)
+
     def unpruned_model(self) -> PrunedModel:
         """The same backbone (shared weights) without reduction stages: the reference for speed-ups."""
         return PrunedModel(self.model.backbone, [], method=None)
@@ -346,6 +352,8 @@ class PruningClassifier(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(dm, "use_model_data_config"):  # transforms as the model says (data config overrides win)
+            dm.use_model_data_config(self.data_config())
         self.mixup_fn = getattr(dm, "mixup_fn", None)
         loss_fn = getattr(dm, "train_loss_fn", None)
         self.train_loss_fn = loss_fn() if callable(loss_fn) else nn.CrossEntropyLoss()
@@ -362,11 +370,15 @@ class PruningClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> List[Dict[str, Any]]:
         decay, no_decay = [], []
+        listed = set()  # the models' own no_weight_decay() lists (ViM: A_log, A_b_log, ... as the recipes)
+        for prefix, module in self.model.named_modules():
+            if callable(getattr(module, "no_weight_decay", None)):
+                listed |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES
+            if (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES or name in listed
                     or getattr(p, "_no_weight_decay", False)):
                 no_decay.append(p)
             else:

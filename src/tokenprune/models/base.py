@@ -68,6 +68,14 @@ class TokenBackbone(nn.Module):
         """Final norm, pooling / CLS read-out and the classifier (`head` is the Linear's official name)."""
         raise NotImplementedError
 
+    def hidden_tokens(self, state: TokenState) -> torch.Tensor:
+        """The hidden states of the current tokens between blocks (ViM: the residual stream)."""
+        return state.x
+
+    def norm_tokens(self, state: TokenState) -> torch.Tensor:
+        """The current tokens after the final norm (what the pooling / CLS read-out sees)."""
+        raise NotImplementedError
+
     def forward_tokens(self, images: torch.Tensor,
                        hooks: Optional[Dict[int, ReductionHook]] = None,
                        before: Optional[Callable[[TokenState, torch.Tensor], TokenState]] = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from timm.models import clean_state_dict
@@ -53,9 +53,12 @@ def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]
     return clean_state_dict(tensors)
 
 
-def load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """load_state_dict(strict=True) with one error that lists every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
+def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint",
+               ignore: Sequence[str] = ()) -> None:
+    """Raise one CheckpointMismatchError that lists every missing, unexpected and mis-shaped key (keys in
+    `ignore` are left out: a classifier that timm drops when num_classes differs from the file's)."""
+    own = {k: v for k, v in model.state_dict().items() if k not in ignore}
+    state_dict = {k: v for k, v in state_dict.items() if k not in ignore}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -71,6 +74,11 @@ def load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], sou
         if shapes:
             parts.append(f"  shape mismatches ({len(shapes)}):\n    {fmt(shapes)}")
         raise CheckpointMismatchError("\n".join(parts))
+
+
+def load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict(strict=True) with one error that lists every missing, unexpected and mis-shaped key."""
+    check_fits(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 

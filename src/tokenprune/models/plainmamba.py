@@ -26,17 +26,19 @@ on the full grid with zeros at pruned positions and gathers the kept tokens back
 from __future__ import annotations
 
 import math
-from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..pruning.state import TokenState, initial_state
 from ..ssm import selective_scan
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
+from .timm_contract import run_layer, tokens_to_map
 from .vim import DirectionScope
 
 ScanContext = Dict[str, object]
@@ -122,6 +124,10 @@ class ConvPatchEmbed(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_size(x.shape[-2:]) != self.grid_size:  # a clear error instead of a pos-embed size clash
+            raise ValueError(f"PlainMamba was built for {self.img_size[0]}x{self.img_size[1]} images (a "
+                             f"{self.grid_size[0]}x{self.grid_size[1]} grid); got {x.shape[-2]}x{x.shape[-1]}. "
+                             "Create it with img_size=<your size> for another resolution.")
         x = self.stem(x)
         if self.convs is not None:
             x = self.convs(x)
@@ -252,22 +258,33 @@ class PlainMambaLayer(nn.Module):
 
 
 class PlainMamba(TokenBackbone):
-    """PlainMamba classifier: conv stem + pos-embed, plain Mamba layers, final LN, mean pooling, Linear."""
+    """PlainMamba classifier: conv stem + pos-embed, plain Mamba layers, final LN, mean pooling, Linear.
+
+    timm contract: forward_features gives the final-normed map (B, H, W, C) (output_fmt "NHWC": no CLS, so
+    the tokens are a map), forward_head averages it (global_pool "avg") or returns it (""); the
+    intermediates / features_only maps are the block outputs on the grid.
+    """
 
     signals = {"hidden", *SSM_SIGNALS}
     reduction_point = "post"
     is_ssm = True
     has_cls = False
     num_protected = 0
+    output_fmt = "NHWC"
+    POOLS = ("avg", "")
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, num_convs_patch_embed: int = 1,
                  layers_with_dwconv: Sequence[int] = (), d_state: int = 16, expand: int = 2, conv_size: int = 7,
                  stem_chs: int = 64, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 final_norm_eps: float = 1e-6):
+                 final_norm_eps: float = 1e-6, global_pool: str = "avg"):
         super().__init__()
+        if global_pool not in self.POOLS:
+            raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
-        self.num_features = embed_dim
+        self.num_features = self.head_hidden_size = embed_dim
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
         self.patch_embed = ConvPatchEmbed(img_size, in_chans, embed_dim, num_convs_patch_embed, patch_size,
                                           stem_chs)
         self.grid = tuple(self.patch_embed.grid_size)
@@ -285,6 +302,9 @@ class PlainMamba(TokenBackbone):
             for i in range(depth))
         self.ln1 = nn.LayerNorm(embed_dim, eps=final_norm_eps)  # the official final norm's name
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        reduction = 2 * self.patch_embed.kernel
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"layers.{i}")
+                             for i in range(depth)]
         self._init_weights()
 
     def _init_weights(self):
@@ -308,9 +328,85 @@ class PlainMamba(TokenBackbone):
     def norm(self) -> nn.LayerNorm:
         return self.ln1
 
-    def reset_classifier(self, num_classes: int) -> None:
+    # -- timm contract ------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """The official recipe's exclusions (paramwise_cfg custom_keys of plain_mamba_l*_in1k_300e.py):
+        pos_embed, A_log, D, direction_Bs (norms and biases are excluded by their shape anyway)."""
+        names = {"pos_embed"}
+        for i in range(len(self.layers)):
+            names |= {f"layers.{i}.mamba.{n}" for n in ("A_log", "D", "direction_Bs")}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^ln1", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (also on the pruning path)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in self.POOLS:
+                raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _layer(self, i: int, *args):
+        return run_layer(self.layers[i], self.grad_checkpointing, *args)
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.drop_after_pos(self.patch_embed(images) + self.pos_embed)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Final-normed map (B, H, W, C): the token interface's ops written without TokenState, so that
+        torch.fx traces it with the stem and the blocks as leaves."""
+        x = self._tokens(images)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x)[0]
+        return tokens_to_map(self.ln1(x), self.grid, "NHWC")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.flatten(1, 2).mean(dim=1)  # over (B, H*W, C) as classify does: the same reduction order
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's forward_intermediates: the outputs of the chosen blocks as maps on the patch grid
+        (norm=True applies the final LayerNorm to them)."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        x = self._tokens(images)
+        intermediates = []
+        last = max_index if (stop_early or intermediates_only) else len(self.layers) - 1
+        for i in range(last + 1):
+            x = self._layer(i, x)[0]
+            if i in take:
+                intermediates.append(tokens_to_map(self.ln1(x) if norm else x, self.grid, output_fmt))
+        if intermediates_only:
+            return intermediates
+        return tokens_to_map(self.ln1(x), self.grid, "NHWC"), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the blocks after the last index (and the final norm / head when asked); returns the indices."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.depth = len(self.layers)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.ln1 = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     # -- token interface ----------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> TokenState:
@@ -319,9 +415,10 @@ class PlainMamba(TokenBackbone):
             raise ValueError(f"{type(self).__name__} was built for {self.patch_embed.img_size[0]}x"
                              f"{self.patch_embed.img_size[1]} images (a {self.grid[0]}x{self.grid[1]} grid); got "
                              f"{hw[0]}x{hw[1]}. Create it with img_size={hw[0]} for another resolution.")
-        x = self.patch_embed(images)
-        x = self.drop_after_pos(x + self.pos_embed)
-        return initial_state(x, self.grid, special=(), cls_at=None)
+        return initial_state(self._tokens(images), self.grid, special=(), cls_at=None)
+
+    def norm_tokens(self, state: TokenState) -> torch.Tensor:
+        return self.ln1(state.x)
 
     def _scan_context(self, state: TokenState, gap: bool) -> Optional[ScanContext]:
         """Restricted orders and flat indices for the current tokens (cached in state.extras while pos is
@@ -358,7 +455,7 @@ class PlainMamba(TokenBackbone):
             out, importances = self._run_block_masked(i, state, want)
         else:
             ctx = self._scan_context(state, gap=align == "gap")
-            out, importances = self.layers[i](state.x, ctx, want)
+            out, importances = self._layer(i, state.x, ctx, want)
         state = state.with_tokens(x=out)
         if hook is None:
             return state
@@ -368,10 +465,12 @@ class PlainMamba(TokenBackbone):
         """Masking alignment: the block runs on the full grid with zero hidden states at pruned positions."""
         L = self.grid[0] * self.grid[1]
         index = flat_index(state.pos, L)
-        out, importances = self.layers[i](put(state.x, index, L), None, want)
+        out, importances = self._layer(i, put(state.x, index, L), None, want)
         return take(out, index), {k: v.gather(1, state.pos) for k, v in importances.items()}
 
     def classify(self, state: TokenState) -> torch.Tensor:
+        if self.global_pool != "avg":
+            raise ValueError("global_pool='' gives unpooled features; the token interface needs 'avg'")
         h = self.ln1(state.x)
         size = state.size
         if size is None or bool((size == 1).all()):
@@ -381,14 +480,8 @@ class PlainMamba(TokenBackbone):
             pooled = (h * w).sum(dim=1) / w.sum(dim=1)
         return self.head(pooled)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        state = self.embed(images)
-        for i in range(self.depth):
-            state = self.run_block(i, state)
-        return self.ln1(state.x)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(images)
+        return self.forward_head(self.forward_features(images))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[PlainMamba] = None,

@@ -6,11 +6,12 @@ The mixer also supports the two hidden-state alignments used after pruning (see 
 from __future__ import annotations
 
 import math
-from typing import AbstractSet, Dict, Optional, Tuple
+from typing import AbstractSet, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..pruning import ops
@@ -18,6 +19,7 @@ from ..pruning.state import TokenState, initial_state
 from ..ssm import get_scan_impl, selective_scan
 from ..ssm.scan import disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
+from .timm_contract import run_layer, tokens_to_map
 
 
 class RMSNorm(nn.Module):
@@ -176,17 +178,31 @@ class VimBlock(nn.Module):
 
 
 class VisionMamba(TokenBackbone):
+    """ViM with the token interface and timm's model contract.
+
+    forward_features gives the final-normed token sequence (B, N + 1, D) with the CLS at `cls_position`
+    (timm's ViT convention: tokens, not a map); forward_head reads the CLS out (global_pool "token", the
+    official read-out) or averages the patch tokens ("avg"); forward_intermediates / features_only give
+    the residual stream after the chosen blocks as maps on the patch grid, CLS removed.
+    """
+
     signals = {"hidden", *SSM_SIGNALS}
     reduction_point = "post"
     is_ssm = True
     has_cls = True
     num_protected = 1
+    POOLS = ("token", "avg", "")
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **_ignored):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "token", **_ignored):
         super().__init__()
+        if global_pool not in self.POOLS:
+            raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
+        self.num_features = self.head_hidden_size = embed_dim
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
         self.grid = tuple(self.patch_embed.grid_size)
@@ -200,6 +216,9 @@ class VisionMamba(TokenBackbone):
                                     for i in range(depth))
         self.norm_f = RMSNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"layers.{i}")
+                             for i in range(depth)]
         self._init_weights()
 
     def _init_weights(self):
@@ -217,13 +236,119 @@ class VisionMamba(TokenBackbone):
     def num_layers(self) -> int:
         return self.depth
 
-    def embed(self, images: torch.Tensor) -> TokenState:
+    # -- timm contract ------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """The official recipe's exclusions: pos_embed and cls_token (VisionMamba.no_weight_decay) and the
+        SSM parameters mamba-ssm flags `_no_weight_decay` (A_log, A_b_log, D, D_b of every mixer)."""
+        names = {"pos_embed", "cls_token"}
+        for i, layer in enumerate(self.layers):
+            names |= {f"layers.{i}.mixer.{n}" for n in ("A_log", "A_b_log", "D", "D_b")}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
+                                                                       (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (also on the pruning path)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in self.POOLS:
+                raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _layer(self, i: int, *args, **kwargs):
+        return run_layer(self.layers[i], self.grad_checkpointing, *args, **kwargs)
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
-        B, M, _ = x.shape
         c = self.cls_position
-        x = torch.cat([x[:, :c], self.cls_token.expand(B, -1, -1), x[:, c:]], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        x = torch.cat([x[:, :c], self.cls_token.expand(x.shape[0], -1, -1), x[:, c:]], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def _final_norm(self, h: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        residual = h if residual is None else residual + self.layers[-1].drop_path(h)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Final-normed tokens (B, N + 1, D), CLS at `cls_position` (the same ops as the token interface,
+        written without TokenState so that torch.fx can trace it with the blocks as leaves)."""
+        h, residual = self._tokens(images), None
+        for i in range(len(self.layers)):
+            out = self._layer(i, h, residual)
+            h, residual = out[0], out[1]
+        return self._final_norm(h, residual)
+
+    def _patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cls_position
+        return torch.cat([x[:, :c], x[:, c + 1:]], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, self.cls_position]
+        elif self.global_pool == "avg":
+            x = self._patch_tokens(x).mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's forward_intermediates: the residual stream after the chosen blocks (residual + block
+        output: the hidden state the next block normalises; norm=True applies norm_f to it), CLS removed,
+        as maps on the patch grid (output_fmt NCHW or NHWC); return_prefix_tokens gives (map, CLS) pairs."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        h, residual = self._tokens(images), None
+        intermediates = []
+        last = max_index if (stop_early or intermediates_only) else len(self.layers) - 1
+        for i in range(last + 1):
+            out = self._layer(i, h, residual)
+            h, residual = out[0], out[1]
+            if i in take:
+                state = (residual + h).to(h.dtype)
+                if norm:
+                    state = self.norm_f(state)
+                spatial = tokens_to_map(self._patch_tokens(state), self.grid, output_fmt)
+                intermediates.append((spatial, state[:, self.cls_position]) if return_prefix_tokens else spatial)
+        if intermediates_only:
+            return intermediates
+        return self._final_norm(h, residual), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the blocks after the last index (and the final norm / head when asked); returns the indices."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.depth = len(self.layers)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # -- token interface ----------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> TokenState:
+        x = self._tokens(images)
+        c = self.cls_position
         return initial_state(x, self.grid, special=(c,), cls_at=c)
+
+    def hidden_tokens(self, state: TokenState) -> torch.Tensor:
+        """The residual stream of the current tokens (what forward_intermediates returns per block)."""
+        return state.x if state.residual is None else (state.residual + state.x).to(state.x.dtype)
+
+    def norm_tokens(self, state: TokenState) -> torch.Tensor:
+        return self._final_norm(state.x, state.residual)
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()
@@ -231,7 +356,7 @@ class VisionMamba(TokenBackbone):
         gaps = state.extras.get("gaps") if align == "gap" else None
         if align == "mask":
             return self._run_block_masked(i, state, hook, needs)
-        out, residual, importances = self.layers[i](state.x, state.residual, gaps=gaps, want=needs & SSM_SIGNALS)
+        out, residual, importances = self._layer(i, state.x, state.residual, gaps=gaps, want=needs & SSM_SIGNALS)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
             return state
@@ -244,8 +369,8 @@ class VisionMamba(TokenBackbone):
         def scatter(t):
             return None if t is None else ops.scatter_to_sequence(t, pos, state.seq_len)
 
-        out, residual, importances = self.layers[i](scatter(state.x), scatter(state.residual),
-                                                    want=needs & SSM_SIGNALS)
+        out, residual, importances = self._layer(i, scatter(state.x), scatter(state.residual),
+                                                 want=needs & SSM_SIGNALS)
         out, residual = ops.gather_from_sequence(out, pos), ops.gather_from_sequence(residual, pos)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
@@ -253,12 +378,16 @@ class VisionMamba(TokenBackbone):
         return hook(state, {"hidden": out, **{k: v.gather(1, pos) for k, v in importances.items()}})
 
     def classify(self, state: TokenState) -> torch.Tensor:
-        residual = state.x if state.residual is None else state.residual + self.layers[-1].drop_path(state.x)
-        h = self.norm_f(residual.to(self.norm_f.weight.dtype))
-        return self.head(h[:, state.cls_index])
+        h = self.norm_tokens(state)
+        if self.global_pool == "token":
+            return self.head(h[:, state.cls_index])
+        if self.global_pool == "avg":  # merged tokens stand for `size` patches: size-weighted mean
+            weight = (state.size * (~state.protected)).unsqueeze(-1).to(h.dtype)
+            return self.head((h * weight).sum(1) / weight.sum(1))
+        raise ValueError("global_pool='' gives unpooled features; the token interface needs 'token' or 'avg'")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(images)
+        return self.forward_head(self.forward_features(images))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:

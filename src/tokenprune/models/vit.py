@@ -95,6 +95,9 @@ class TimmViT(TokenBackbone):
         x = state.x
         return state.with_tokens(x=x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
 
+    def norm_tokens(self, state: TokenState) -> torch.Tensor:
+        return self.vit.norm(state.x)
+
     def classify(self, state: TokenState) -> torch.Tensor:
         vit = self.vit
         x = vit.norm(state.x)

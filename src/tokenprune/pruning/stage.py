@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ class PrunedModel(nn.Module):
     def record_kept_patches(self, on: bool = True) -> None:
         self.kept_patches = [] if on else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _schedule(self):
+        """Fresh traces and the (hooks by block, before-encoder step) of this forward."""
         self.token_trace = []
         if self.kept_patches is not None:
             self.kept_patches = []
@@ -119,7 +120,51 @@ class PrunedModel(nn.Module):
         hooks = {s.layer: s for s in self.stages if s.layer != BEFORE_ENCODER}
         first = next((s for s in self.stages if s.layer == BEFORE_ENCODER), None)
         before = None if first is None else (lambda state, imgs: first(state, {"images": imgs}))
+        return hooks, before
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hooks, before = self._schedule()
         return self.backbone.forward_tokens(images, hooks=hooks, before=before)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Union[int, List[int], None] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              fill_value: float = 0.0):
+        """timm's forward_intermediates for a pruned model: feature maps on the original patch grid.
+
+        The map of block i holds the tokens that leave block i (after that block's reduction stage, if it
+        has one), each at its original grid position; a position whose patch was pruned, or merged into
+        another token, holds `fill_value` (0 by default); a merged token (ToMe, UTR, PuMer) sits at the
+        position of the token it was kept as. Tokens without a grid position (CLS, registers, EViT's fused
+        token) are left out. norm=True applies the backbone's final norm. Returns (final-normed map, maps),
+        or only the maps with intermediates_only (then the blocks after the last index are not run).
+        """
+        from timm.models._features import feature_take_indices
+
+        from ..models.timm_contract import tokens_to_map
+
+        bb = self.backbone
+        take, max_index = feature_take_indices(bb.num_layers, indices)
+        hooks, before = self._schedule()
+        state = bb.embed(images)
+        if before is not None:
+            state = before(state, images)
+
+        def grid_map(tokens):
+            return tokens_to_map(state.scatter_to_grid(tokens, fill_value), state.grid, output_fmt)
+
+        maps = []
+        for i in range(max_index + 1 if intermediates_only else bb.num_layers):
+            state = bb.run_block(i, state, hooks.get(i))
+            if i in take:
+                maps.append(grid_map(bb.norm_tokens(state) if norm else bb.hidden_tokens(state)))
+        if intermediates_only:
+            return maps
+        return grid_map(bb.norm_tokens(state)), maps
+
+    def forward_features(self, images: torch.Tensor, output_fmt: str = "NCHW", fill_value: float = 0.0):
+        """The final-normed tokens of the pruned model as a map on the patch grid (see forward_intermediates
+        for what sits at pruned positions)."""
+        return self.forward_intermediates(images, indices=1, output_fmt=output_fmt, fill_value=fill_value)[0]
 
     def tokens_per_block(self) -> List[int]:
         """Tokens entering each block (after a mid-block reduction, the tokens its MLP sees), simulated."""

@@ -56,6 +56,18 @@ class TokenState:
     def with_tokens(self, **fields) -> "TokenState":
         return replace(self, **fields)
 
+    def scatter_to_grid(self, tokens: torch.Tensor, fill_value: float = 0.0) -> torch.Tensor:
+        """(B, T, C) per-token values -> (B, H*W, C) on the patch grid: each patch token at its original
+        position, every position without a token (pruned, or merged into another token) = fill_value;
+        tokens with no grid position (CLS, registers, EViT's fused token) are left out."""
+        B, T, C = tokens.shape
+        n = self.grid[0] * self.grid[1]
+        idx = self.patch_index()
+        slot = torch.where(idx >= 0, idx, torch.full_like(idx, n))  # one spare slot takes the non-patch tokens
+        out = tokens.new_full((B, n + 1, C), fill_value)
+        out.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, C), tokens)
+        return out[:, :n]
+
     def insert_middle_cls(self) -> Tuple["TokenState", int]:
         """Re-place the protected CLS in the middle of the sequence (ViM): K patches -> CLS at K // 2.
 
