@@ -33,3 +33,11 @@ class SignalAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtSetup(Callback):
+    """Sends SIGUSR1 to this process in ``setup``, before Lightning installs its handlers: a requeue signal that
+    SLURM sent early, while the ranks still start."""
+
+    def setup(self, trainer, pl_module, stage):
+        os.kill(os.getpid(), signal.SIGUSR1)
