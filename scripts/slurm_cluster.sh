@@ -14,7 +14,8 @@ set -euo pipefail
 usage() { echo "usage: $0 start|stop|status DIR" >&2; exit 2; }
 (( $# == 2 )) || usage
 CMD=$1
-mkdir -p "$2"
+[[ $CMD == start ]] && mkdir -p "$2"
+if [[ ! -d $2 ]]; then echo "slurm_cluster: no cluster in $2 (not running)"; exit 0; fi
 DIR=$(cd "$2" && pwd)
 CONF=$DIR/slurm.conf
 HOST=$(hostname -s)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -238,7 +239,7 @@ class RequeueAtStepBoundary(Callback):
     at the end of the next optimizer step (every ``check_every_n_steps``; never inside a gradient
     accumulation, whose partial gradients a checkpoint does not hold) the flag is combined over ranks
     (one all-reduce) and, if any rank got the signal, every rank calls Lightning's handler at the same step
-    boundary, then the process exits (status 0; the job is already requeued). A signal that arrives during
+    boundary, then the process exits at once (status 0; the job is already requeued). A signal that arrives during
     validation is handled after the next training batch; one that arrives during start-up is held by train.py's
     ``EarlyRequeueSignal`` and handled at the first step. Inert unless the cluster environment is SLURM with
     auto-requeue.
@@ -303,9 +304,12 @@ class RequeueAtStepBoundary(Callback):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._lightning_handler(self._signal, None)
             # End the run here: stopping the fit instead ran a validation and could write checkpoints newer than
-            # the requeue one, or be killed mid-write.
+            # the requeue one, or be killed mid-write; a Python exit tore down DataLoader workers and the process
+            # group with peers that SLURM is killing, and hung until SIGKILL. The checkpoint and logs are written.
             log.info("requeue checkpoint written and job requeued: this run ends at step %d", trainer.global_step)
-            raise SystemExit(0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def on_train_end(self, trainer, pl_module):
         if self._lightning_handler is not None:
