@@ -80,13 +80,13 @@ class Cluster:
         out = self.cmd("scontrol", "show", "job", "-o", job_id)
         return [dict(t.split("=", 1) for t in line.split() if "=" in t) for line in out.splitlines() if line.strip()]
 
-    def wait(self, job_id: str, until, timeout: float, what: str, out_file=None) -> list:
+    def wait(self, job_id: str, until, timeout: float, what: str, out_file=None, poll: float = 0.5) -> list:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             jobs = self.jobs(job_id)
             if until(jobs):
                 return jobs
-            time.sleep(0.5)
+            time.sleep(poll)
         tail = Path(out_file).read_text()[-3000:] if out_file and Path(out_file).exists() else ""
         raise AssertionError(f"job {job_id}: no {what} after {timeout:.0f} s: "
                              f"{[(j.get('JobState'), j.get('Restarts')) for j in jobs]}\n{tail}")
@@ -133,10 +133,10 @@ def train_args(c: Cluster, run_dir: Path) -> list:
             "--trainer.max_steps", MAX_STEPS, "--run_dir", run_dir]
 
 
-def submit_train(c: Cluster, name: str, extra_sbatch=()) -> tuple:
+def submit_train(c: Cluster, name: str, extra_sbatch=(), extra_args=()) -> tuple:
     run_dir, out = c.root / name, c.out / f"{name}-%j.out"
     jid = c.sbatch("train.sbatch", ["--ntasks-per-node=2", *CPU, f"--output={out}", *extra_sbatch],
-                   train_args(c, run_dir), TRAINER_CONFIG="configs/trainer/slurm_cpu.yaml")
+                   [*train_args(c, run_dir), *extra_args], TRAINER_CONFIG="configs/trainer/slurm_cpu.yaml")
     return jid, run_dir, Path(str(out).replace("%j", jid))
 
 
@@ -215,7 +215,7 @@ def check_requeued_run(c, jid, run_dir, out, reference):
 def test_scancel_usr1_requeues_and_resumes_exactly(cluster, reference):
     jid, run_dir, out = submit_train(cluster, "scancel")
     first_ckpt = run_dir / "checkpoints" / "last.ckpt"  # written first at step 8
-    cluster.wait(jid, lambda js: first_ckpt.exists() or js[0]["JobState"] in DONE, 300, "step 8", out)
+    cluster.wait(jid, lambda js: first_ckpt.exists() or js[0]["JobState"] in DONE, 300, "step 8", out, poll=0.1)
     assert first_ckpt.exists(), out.read_text()[-3000:]
     cluster.cmd("scancel", "--signal=USR1", jid)  # what SLURM sends before the time limit, while it trains
     cluster.bring_forward_requeued(jid, out)
@@ -225,8 +225,11 @@ def test_scancel_usr1_requeues_and_resumes_exactly(cluster, reference):
 
 
 def test_time_limit_signal_requeues_and_resumes_exactly(cluster, reference):
-    # nominally 20 s after the start; SLURM sends it up to a minute early, i.e. maybe before training starts
-    jid, run_dir, out = submit_train(cluster, "timelimit", ["--time=2", "--signal=USR1@100"])
+    # slurmctld sends the signal at its first 30-s check once `now + N + 30 >= end`: here 5-35 s after the start,
+    # possibly while the ranks still start up (train.py holds it then). The first run sleeps 1 s per step (a test
+    # callback that does not change the weights) so that it cannot finish before the signal.
+    jid, run_dir, out = submit_train(cluster, "timelimit", ["--time=2", "--signal=USR1@85"],
+                                     ["--trainer.callbacks+=lit_test_callbacks.SlowFirstRun"])
     cluster.bring_forward_requeued(jid, out, TimeLimit=30)  # the restart gets time to finish
     check_requeued_run(cluster, jid, run_dir, out, reference)
 
