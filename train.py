@@ -9,7 +9,27 @@
 
 `python train.py fit --help` lists every option; see tokenprune/lit/cli.py and slurm/README.md.
 """
-from tokenprune.lit.cli import main
+import os
+import signal
+import sys
+
+
+class EarlyRequeueSignal:
+    """Records SIGUSR1 until the requeue callback (tokenprune.lit.callbacks.RequeueAtStepBoundary) takes over.
+
+    SLURM sends `--signal=SIGUSR1@N` up to a minute before N seconds are left, so a short or requeued job can get
+    it while the ranks still import and set up, and its default action kills them. The callback finds this
+    handler (by its `received` flag) and requeues at the first training step if the signal came early."""
+
+    received = False
+
+    def __call__(self, signum, frame):
+        self.received = True
+
 
 if __name__ == "__main__":
+    if os.environ.get("SLURM_JOB_ID") and sys.argv[1:2] == ["fit"]:
+        signal.signal(signal.SIGUSR1, EarlyRequeueSignal())
+    from tokenprune.lit.cli import main
+
     main()

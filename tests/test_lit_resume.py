@@ -114,6 +114,26 @@ def test_slurm_requeue_resumes_exactly(setup):
     assert_same_training_state(reference, load(run_dir / "checkpoints" / "last.ckpt"))
 
 
+def test_slurm_requeue_signal_during_start_up(setup):
+    """SLURM may send the signal before the ranks have set up (up to a minute before `--signal=SIGUSR1@N`): train.py
+    holds it and the job is requeued at the first step boundary instead of being killed by SIGUSR1."""
+    root, cfg, _ = setup
+    run_dir = root / "early"
+    bin_dir = root / "bin_early"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$FAKE_SCONTROL_LOG"\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_SCONTROL_LOG": str(root / "scontrol_early.log")}
+    proc = run_train(["fit", "-c", cfg, "--run_dir", run_dir, "--trainer.callbacks+=lit_test_callbacks.SignalAtSetup"],
+                     cwd=root, env_extra=env)
+    assert "requeue signal received during start-up" in proc.stderr
+    assert (root / "scontrol_early.log").read_text().split() == ["requeue", "4242"]
+    assert load(run_dir / "hpc_ckpt_1.ckpt")["global_step"] == 1
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # the run ended at the requeue
+
+
 def test_resumed_run_is_a_valid_starting_point(setup, tmp_path):
     """The last.ckpt of a run is also a `model.checkpoint_file` for a new experiment (EMA weights)."""
     from tokenprune.lit import PruningClassifier

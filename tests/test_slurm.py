@@ -161,3 +161,27 @@ def test_cli_builds_a_slurm_trainer(tmp_path, monkeypatch):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------- gathering a grid
+def test_gather_reads_the_newest_version_of_each_run(tmp_path):
+    from tokenprune.lit.gather import gather, main
+
+    def run(name, version, method, keep, rows):
+        d = tmp_path / "grid" / name / "logs" / f"version_{version}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": "deit_micro_patch8_56",
+                                                                 "method": method, "keep": keep}}))
+        (d / "metrics.csv").write_text("epoch,val/top1,val/top5,flops/token_reduction,step\n" + rows)
+
+    run("dense", 0, None, 1.0, ",,,0.0,0\n0,0.5,0.9,,3\n")
+    run("evit", 0, "evit", 0.7, "0,0.1,0.2,,3\n")  # an older version of the run, replaced by version_1
+    run("evit", 1, "evit", 0.7, ",,,0.25,0\n0,0.375,0.75,,3\n")
+    (tmp_path / "grid" / "not_started").mkdir()
+    rows = gather(str(tmp_path / "grid"))
+    assert [(r["label"], r["method"], r["keep"], r["top1"], r["top5"], r["token_reduction"]) for r in rows] == \
+        [("dense", None, 1.0, 50.0, 90.0, 0.0), ("evit", "evit", 0.7, 37.5, 75.0, 0.25)]
+    md, csv_path = main([str(tmp_path / "grid"), "--out", str(tmp_path / "report")])
+    assert "| evit | 0.7 | 25.0 % |" in open(md).read() and os.path.isfile(csv_path)
+    with pytest.raises(SystemExit, match="no run with"):
+        main([str(tmp_path / "empty")])

@@ -33,3 +33,24 @@ class SignalAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtSetup(Callback):
+    """Sends SIGUSR1 to this process in ``setup``, before Lightning installs its handlers: a requeue signal that
+    SLURM sent early, while the ranks still start."""
+
+    def setup(self, trainer, pl_module, stage):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class SlowFirstRun(Callback):
+    """Sleeps ``seconds`` after every training batch of a job's first run (SLURM_RESTART_COUNT unset or 0), so that
+    a signal SLURM sends at a time of its choosing finds it still training; the weights are not affected."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            import time
+            time.sleep(self.seconds)

@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import signal
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -33,8 +35,19 @@ def _input_size(model, given: Optional[List[int]]):
     return tuple(default_input_size(model))
 
 
+def _log_dir(trainer: L.Trainer) -> Optional[str]:
+    """``trainer.log_dir`` without its broadcast: the callers run on rank 0 only, and a collective there
+    deadlocks DDP (seen under SLURM with 2 ranks)."""
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        folder = logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir
+        if folder:
+            return folder
+    return trainer.default_root_dir
+
+
 def _write_json(trainer: L.Trainer, name: str, data: Dict[str, Any]) -> Optional[str]:
-    folder = trainer.log_dir or trainer.default_root_dir
+    folder = _log_dir(trainer)
     if not folder:
         return None
     os.makedirs(folder, exist_ok=True)
@@ -226,8 +239,10 @@ class RequeueAtStepBoundary(Callback):
     at the end of the next optimizer step (every ``check_every_n_steps``; never inside a gradient
     accumulation, whose partial gradients a checkpoint does not hold) the flag is combined over ranks
     (one all-reduce) and, if any rank got the signal, every rank calls Lightning's handler at the same step
-    boundary, then the fit stops. A signal that arrives during validation is handled after the next
-    training batch. Inert unless the cluster environment is SLURM with auto-requeue.
+    boundary, then the process exits at once (status 0; the job is already requeued). A signal that arrives during
+    validation is handled after the next training batch; one that arrives during start-up is held by train.py's
+    ``EarlyRequeueSignal`` and handled at the first step. Inert unless the cluster environment is SLURM with
+    auto-requeue.
     """
 
     def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
@@ -235,6 +250,7 @@ class RequeueAtStepBoundary(Callback):
         self.check_every_n_steps = max(1, int(check_every_n_steps))
         self._signal: Optional[int] = None
         self._lightning_handler = None
+        self._previous = None
         self._pending = False
         self._last_step: Optional[int] = None
         self.handled_at_step: Optional[int] = None
@@ -248,7 +264,14 @@ class RequeueAtStepBoundary(Callback):
         if env is None or env.requeue_signal is None:
             return
         sig = env.requeue_signal
-        handler = signal.getsignal(sig)
+        handler = self._previous = signal.getsignal(sig)
+        if isinstance(getattr(handler, "received", None), bool):
+            # train.py's EarlyRequeueSignal held the signal since start-up, so Lightning kept it and did not install
+            # its own handler: call Lightning's handler function directly, and act on a signal that came early
+            self._pending = handler.received
+            if handler.received:
+                log.info("requeue signal received during start-up: handled at the first training-step boundary")
+            handler = getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)
         if not callable(handler):
             log.warning("requeue guard: no handler for %s is installed; Lightning's auto-requeue is off", sig)
             return
@@ -275,10 +298,20 @@ class RequeueAtStepBoundary(Callback):
             log.info("requeue signal: saving the requeue checkpoint at step %d", trainer.global_step)
             self._pending = False
             self.handled_at_step = trainer.global_step
+            # SLURM sends SIGTERM to every process of the step as soon as the job is requeued (DataLoader workers
+            # too, which then fail the next fetch), SIGKILL after KillWait. Lightning's SIGTERM handler enters a
+            # collective, with ranks that are already leaving: ignore SIGTERM, this run ends here anyway
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._lightning_handler(self._signal, None)
-            trainer.should_stop = True
+            # End the run here: stopping the fit instead ran a validation and could write checkpoints newer than
+            # the requeue one, or be killed mid-write; a Python exit tore down DataLoader workers and the process
+            # group with peers that SLURM is killing, and hung until SIGKILL. The checkpoint and logs are written.
+            log.info("requeue checkpoint written and job requeued: this run ends at step %d", trainer.global_step)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def on_train_end(self, trainer, pl_module):
         if self._lightning_handler is not None:
-            signal.signal(self._signal, self._lightning_handler)
+            signal.signal(self._signal, self._previous)
             self._lightning_handler = None
