@@ -5,6 +5,7 @@ outputs only at the blocks where they are used, and an impossible combination fa
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Set
 
 import torch
@@ -31,10 +32,23 @@ class RandomScore(Evaluator):
         self.seed = seed
 
     def forward(self, state, signals):
+        if state.x.device.type != "cpu" and self.seed is not None:
+            return hashed_uniform(state.pos.shape, self.seed + state.num_tokens, state.x.device)
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(self.seed + state.num_tokens)
         return torch.rand(state.pos.shape, generator=gen).to(state.x.device)
+
+
+def hashed_uniform(shape, seed: int, device) -> torch.Tensor:
+    """Reproducible uniform [0, 1) values made on `device` from a counter hash (no CPU generator, no host
+    copy, so a CUDA graph can capture it): a 31-bit multiply-xorshift of (seed, element index)."""
+    mask = (1 << 31) - 1
+    h = (torch.arange(math.prod(shape), device=device, dtype=torch.int64) + (seed * 0x9E3779B1 & mask)) & mask
+    for mult in (0x2C1B3C6D, 0x297A2D39):  # products stay below 2**62: no int64 overflow on any device
+        h = ((h ^ (h >> 15)) * mult) & mask
+    h = h ^ (h >> 13)
+    return (h.to(torch.float32) / float(1 << 31)).reshape(shape)
 
 
 class L2Score(Evaluator):

@@ -76,6 +76,8 @@ class ReductionStage(nn.Module):
         if self.is_ssm:
             state = reducers.set_alignment(reducers.restore_scan_order(state), self.alignment)
         state.extras["reduced"] = True
+        if self.reducer_name != "prune":  # tokens may stand for several patches (size-weighted pooling)
+            state.extras["merged"] = True
         if self.trace is not None:
             self.trace.append(StageTrace(self.layer, n_in, state.num_tokens, state.pos.detach(),
                                          state.size.detach(), state.protected.detach(), state.cls_index))

@@ -24,7 +24,9 @@ class TokenState:
     residual: Optional[torch.Tensor] = None  # (B, T, D) fp32 residual stream (ViM)
     cls_index: Optional[int] = None  # where the CLS sits in the current sequence
     seq_len: int = 0  # length of the original sequence (for gap counts)
-    extras: dict = field(default_factory=dict)  # backbone-specific per-call data (e.g. PlainMamba orders)
+    n_protected: int = 0  # protected tokens per row: a python int, so budgets never read the device
+    # per-call data: "reduced" / "merged" (a stage ran / sizes may differ from 1), alignment, PlainMamba orders
+    extras: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +39,7 @@ class TokenState:
     def patch_index(self) -> torch.Tensor:
         """Grid index (0..H*W-1) of each token; -1 for CLS, registers and fused extra tokens."""
         safe = self.pos.clamp(min=0)
-        idx = self.patch_offset.to(self.pos.device)[safe]
+        idx = self.patch_offset[safe]
         return torch.where(self.pos >= 0, idx, torch.full_like(idx, -1))
 
     def gather(self, idx: torch.Tensor, cls_index: Optional[int] = None) -> "TokenState":
@@ -64,20 +66,31 @@ class TokenState:
         if self.cls_index is None:
             return self, None
         B, T = (int(s) for s in self.pos.shape)  # python ints also under jit tracing
-        others = [i for i in range(T) if i != self.cls_index]
-        middle = (T - 1) // 2
-        order = others[:middle] + [self.cls_index] + others[middle:]
-        idx = torch.tensor(order, device=self.x.device).unsqueeze(0).expand(B, -1)
-        return self.gather(idx, cls_index=middle), middle
+        c, middle = self.cls_index, (T - 1) // 2
+        # order = others[:middle] + [c] + others[middle:] as arithmetic on an arange (no host list -> tensor)
+        j = torch.arange(T, device=self.x.device)
+        other = j - (j > middle).long()  # rank among the non-CLS tokens
+        other = other + (other >= c).long()  # skip the CLS
+        idx = torch.where(j == middle, torch.full_like(j, c), other)
+        return self.gather(idx.unsqueeze(0).expand(B, -1), cls_index=middle), middle
 
 
-def grid_offsets(seq_len: int, special: Sequence[int]) -> torch.Tensor:
-    """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`."""
-    is_patch = torch.ones(seq_len, dtype=torch.bool)
-    is_patch[list(special)] = False
-    offsets = torch.full((seq_len,), -1, dtype=torch.long)
-    offsets[is_patch] = torch.arange(int(is_patch.sum()))
-    return offsets
+def _special_mask(j: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
+    mask = torch.zeros_like(j, dtype=torch.bool)
+    for s in sorted(set(int(v) for v in special)):  # a handful (CLS, registers): one compare each
+        mask = mask | (j == s)
+    return mask
+
+
+def grid_offsets(seq_len: int, special: Sequence[int], device=None) -> torch.Tensor:
+    """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`.
+
+    Built on `device` from an arange (no CPU tensor copied per forward)."""
+    j = torch.arange(seq_len, device=device)
+    before = torch.zeros_like(j)
+    for s in sorted(set(int(v) for v in special)):
+        before = before + (j > s).long()  # special tokens before j
+    return torch.where(_special_mask(j, special), torch.full_like(j, -1), j - before)
 
 
 def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int] = (),
@@ -86,10 +99,10 @@ def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int]
     B, T, _ = x.shape
     if T - len(special) != grid[0] * grid[1]:
         raise ValueError(f"sequence of {T} tokens with {len(special)} special ones does not fit grid {grid}")
-    pos = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
-    protected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-    protected[:, list(special)] = True
+    j = torch.arange(T, device=x.device)
+    pos = j.unsqueeze(0).expand(B, -1)
+    protected = _special_mask(j, special).unsqueeze(0).expand(B, -1)
     size = torch.ones(B, T, device=x.device, dtype=torch.float32)
     return TokenState(x=x, pos=pos, size=size, protected=protected, grid=grid,
-                      patch_offset=grid_offsets(T, special).to(x.device), residual=residual,
-                      cls_index=cls_at, seq_len=T)
+                      patch_offset=grid_offsets(T, special, x.device), residual=residual,
+                      cls_index=cls_at, seq_len=T, n_protected=len(set(int(v) for v in special)))
