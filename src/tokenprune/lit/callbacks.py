@@ -150,18 +150,25 @@ class ThroughputCallback(Callback):
         dtype: float32, or bfloat16/float16 (autocast).
         input_size: (C, H, W); default from the backbone.
         on_validate, on_test, on_fit_end: when to measure (on_fit_end: once training ends, before teardown).
+        compile: measure both models in this mode ("none", "compile", "cudagraph"); default: the model's own
+            (``model.compile_mode``). The record says which ran (``compile``).
         verbose: progress bar.
     """
 
     def __init__(self, enabled: bool = True, batch_size: int = 64, warmup: int = 10, iters: int = 30,
                  rounds: int = 5, dtype: str = "float32", input_size: Optional[List[int]] = None,
-                 on_validate: bool = True, on_test: bool = True, on_fit_end: bool = True, verbose: bool = True):
+                 on_validate: bool = True, on_test: bool = True, on_fit_end: bool = True, verbose: bool = True,
+                 compile: Optional[str] = None):
         self.enabled = enabled
         self.batch_size, self.warmup, self.iters, self.rounds = batch_size, warmup, iters, rounds
         self.dtype = dtype
         self.input_size = input_size
         self.on_validate, self.on_test, self.on_fit_end_ = on_validate, on_test, on_fit_end
         self.verbose = verbose
+        if compile is not None:
+            from ..pruning.capture import check_mode
+            check_mode(compile)
+        self.compile = compile
         self.result: Optional[Dict[str, Any]] = None
         self.metrics: Optional[Dict[str, float]] = None
 
@@ -178,9 +185,20 @@ class ThroughputCallback(Callback):
                 unpruned = PrunedModel(model.backbone, [], method=None)
             models["unpruned"] = unpruned
         ref = "unpruned" if "unpruned" in models else "pruned"
-        result = compare_throughput(models, _input_size(model, self.input_size), self.batch_size, self.warmup,
-                                    self.iters, device=device, dtype=self.dtype, reference=ref,
-                                    rounds=self.rounds, verbose=self.verbose)
+        mode = self.compile or getattr(model, "compile_mode", "none")
+        saved = {n: getattr(m, "compile_mode", None) for n, m in models.items()}
+        try:
+            for n, m in models.items():
+                if saved[n] is not None and saved[n] != mode:
+                    m.set_compile(mode)
+            result = compare_throughput(models, _input_size(model, self.input_size), self.batch_size,
+                                        self.warmup, self.iters, device=device, dtype=self.dtype, reference=ref,
+                                        rounds=self.rounds, verbose=self.verbose)
+        finally:
+            for n, m in models.items():
+                if saved[n] is not None and saved[n] != mode:
+                    m.set_compile(saved[n])
+        result["compile"] = mode
         result["measured_on"] = str(device)
         result["hook"] = hook
         self.result = result

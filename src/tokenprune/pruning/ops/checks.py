@@ -19,9 +19,10 @@ if _mode not in MODES:
 
 
 def check_values(t: torch.Tensor) -> bool:
-    """Whether to validate the values of `t` (reads them back to the host)."""
+    """Whether to validate the values of `t` (reads them back to the host; never inside torch.compile,
+    where a read-back would break the graph)."""
     if _mode == "auto":
-        return t.device.type == "cpu"
+        return t.device.type == "cpu" and not torch.compiler.is_compiling()
     return _mode == "always"
 
 
