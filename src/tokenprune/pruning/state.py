@@ -67,12 +67,39 @@ class TokenState:
             return self, None
         B, T = (int(s) for s in self.pos.shape)  # python ints also under jit tracing
         c, middle = self.cls_index, (T - 1) // 2
-        # order = others[:middle] + [c] + others[middle:] as arithmetic on an arange (no host list -> tensor)
-        j = torch.arange(T, device=self.x.device)
-        other = j - (j > middle).long()  # rank among the non-CLS tokens
-        other = other + (other >= c).long()  # skip the CLS
-        idx = torch.where(j == middle, torch.full_like(j, c), other)
+
+        def build(device):
+            # order = others[:middle] + [c] + others[middle:] as arithmetic on an arange (no host list)
+            j = torch.arange(T, device=device)
+            other = j - (j > middle).long()  # rank among the non-CLS tokens
+            other = other + (other >= c).long()  # skip the CLS
+            return torch.where(j == middle, torch.full_like(j, c), other)
+
+        idx = static_index(("middle_cls", T, c), self.x.device, build)
         return self.gather(idx.unsqueeze(0).expand(B, -1), cls_index=middle), middle
+
+
+_STATIC: dict = {}  # (what, sizes..., device) -> index tensor that depends only on python ints
+
+
+def static_index(key: tuple, device, build) -> torch.Tensor:
+    """An index tensor that depends only on python ints, built once per device (then no launch per forward).
+
+    Not cached while a CUDA graph is being captured (the kernels that fill it would not run until replay)
+    or under torch.compile (it traces `build` instead); built outside inference mode so that training can
+    use it after an inference_mode measurement."""
+    device = torch.device(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or torch.compiler.is_compiling() or device.type == "meta":
+        return build(device)
+    k = key + (str(device),)
+    t = _STATIC.get(k)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = build(device)
+        if len(_STATIC) < 256:
+            _STATIC[k] = t
+    return t
 
 
 def _special_mask(j: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
@@ -99,10 +126,12 @@ def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int]
     B, T, _ = x.shape
     if T - len(special) != grid[0] * grid[1]:
         raise ValueError(f"sequence of {T} tokens with {len(special)} special ones does not fit grid {grid}")
-    j = torch.arange(T, device=x.device)
-    pos = j.unsqueeze(0).expand(B, -1)
-    protected = _special_mask(j, special).unsqueeze(0).expand(B, -1)
+    special = tuple(sorted(set(int(v) for v in special)))
+    pos = static_index(("arange", T), x.device, lambda d: torch.arange(T, device=d)).unsqueeze(0).expand(B, -1)
+    protected = static_index(("special", T, special), x.device,
+                             lambda d: _special_mask(torch.arange(T, device=d), special)).unsqueeze(0).expand(B, -1)
     size = torch.ones(B, T, device=x.device, dtype=torch.float32)
+    offsets = static_index(("offsets", T, special), x.device, lambda d: grid_offsets(T, special, d))
     return TokenState(x=x, pos=pos, size=size, protected=protected, grid=grid,
-                      patch_offset=grid_offsets(T, special, x.device), residual=residual,
+                      patch_offset=offsets, residual=residual,
                       cls_index=cls_at, seq_len=T, n_protected=len(set(int(v) for v in special)))
