@@ -69,3 +69,16 @@ def test_lower_proposal_resolution():
     assert seen == [(2, 3, 16, 16)]
     with pytest.raises(ValueError, match="proposal_size must be an int >= 8"):
         tokenprune.create_model("deit_test_patch4_32", "papr", keep=0.6, proposal=proposal, proposal_size=2)
+
+
+def test_a_smaller_proposal_input_costs_fewer_flops():
+    from tokenprune import count_flops
+    torch.manual_seed(0)
+    proposal = timm.create_model("papr_convnet_micro").eval()
+    full, small = (count_flops(tokenprune.create_model("deit_test_patch4_32", "papr", keep=0.6, proposal=proposal,
+                                                       proposal_size=s)) for s in (None, 16))
+    prop_full = full.by_module["stages.0.evaluator.proposal"]
+    prop_small = small.by_module["stages.0.evaluator.proposal"]
+    assert prop_small < 0.3 * prop_full  # a quarter of the pixels (plus the resize, counted)
+    # the antialiased resize 32 -> 16 px: 4 x 4 taps per output value, 3 x 16 x 16 values
+    assert small.by_operator["_upsample_bilinear2d_aa"] == 16 * 3 * 16 * 16

@@ -90,7 +90,7 @@ def static_index(key: tuple, device, build) -> torch.Tensor:
     use it after an inference_mode measurement."""
     device = torch.device(device)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing or torch.compiler.is_compiling() or device.type == "meta":
+    if capturing or torch.compiler.is_compiling():
         return build(device)
     k = key + (str(device),)
     t = _STATIC.get(k)
