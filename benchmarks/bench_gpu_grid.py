@@ -13,7 +13,7 @@ inference_mode; tokenprune.bench.compare_throughput) and training step (batch 64
 variant with its own optimizer; the backbone weights are shared, lr 0 so they stay put). Speed-ups are
 against the unpruned model of the same backbone, dtype and mode, timed interleaved in the same rounds.
 FLOPs are fvcore counts at batch 1 (tokenprune.count_flops, proposal network included), cached by
-(backbone, preset, keep) in benchmarks/flops_cache.json, so a GPU run spends no CPU time on them.
+(backbone, preset, keep, proposal) in benchmarks/flops_cache.json, so a GPU run spends no CPU time on them.
 PaPr uses a MobileNetV2-1.0 proposal (random weights: speed does not depend on them).
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ def build_grid(key: str, names: Dict[str, str], args, cache: dict):
     for r in args.reduction_list:
         for p in presets:
             model, keep = build_variant(base, p, r, proposal=proposal)
-            fl = flops_of(cache, f"{names[key]}|{p}|{keep:.6g}", model)
+            prop = f"|{'papr_convnet_micro' if args.tiny else args.proposal}" if p.startswith("papr") else ""
+            fl = flops_of(cache, f"{names[key]}|{p}|{keep:.6g}{prop}", model)
             out[f"{p} -{int(round(r * 100))}%"] = (model, p, r, keep, fl)
     for m, *_ in out.values():
         m.set_compile(args.compile)
