@@ -14,6 +14,7 @@ Random weights: the counts do not depend on them. Writes a table to benchmarks/r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -32,8 +33,6 @@ except ImportError:  # an older checkout (the "before" numbers): the same counte
 try:
     from tokenprune.pruning.ops import value_checks
 except ImportError:
-    import contextlib
-
     def value_checks(mode):
         return contextlib.nullcontext()
 
@@ -59,13 +58,22 @@ def _fake_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     return _OneKernelScan.apply(u, delta, A, B, C, D, z, delta_bias)
 
 
-def patch_scan() -> None:
-    """Replace the scan the models call by the one-op stand-in (only for counting)."""
+@contextlib.contextmanager
+def patched_scan(on: bool = True):
+    """Replace the scan the models call by the one-op stand-in while counting (restored afterwards)."""
     import importlib
-    for name in ("tokenprune.models.vim", "tokenprune.models.plainmamba"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "selective_scan"):
-            mod.selective_scan = _fake_scan
+    saved = []
+    if on:
+        for name in ("tokenprune.models.vim", "tokenprune.models.plainmamba"):
+            mod = importlib.import_module(name)
+            if hasattr(mod, "selective_scan"):
+                saved.append((mod, mod.selective_scan))
+                mod.selective_scan = _fake_scan
+    try:
+        yield
+    finally:
+        for mod, fn in saved:
+            mod.selective_scan = fn
 
 
 def count_forward(model, x):
@@ -111,8 +119,6 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.real_scan:
-        patch_scan()
     names = TINY_BACKBONES if args.tiny else BACKBONES
     lines = ["| backbone | preset | keep/stage | ops / forward | kernels / forward | ops / train step "
              "| kernels / train step |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -130,7 +136,7 @@ def main() -> None:
             t0 = time.perf_counter()
             model, keep = build_variant(base, method, args.reduction, proposal=proposal)
             model.to(args.device)
-            with value_checks("never"):
+            with value_checks("never"), patched_scan(not args.real_scan):
                 fwd = count_forward(model, x)
                 train = None if args.no_train else count_train_step(model, x, y)
             tr = ("-", "-") if train is None else (f"{train.total:,}", f"{train.kernels:,}")

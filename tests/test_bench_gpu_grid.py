@@ -65,3 +65,5 @@ def test_count_ops_smoke_on_meta(tmp_path, one_thread):
     assert [r.split("|")[2].strip() for r in rows] == ["unpruned", "hsa"]
     fwd = [int(r.split("|")[4].replace(",", "")) for r in rows]
     assert fwd[1] > fwd[0] > 100  # the stages add ops; a forward is hundreds of ops
+    import tokenprune.models.vim as vim
+    assert vim.selective_scan.__module__ == "tokenprune.ssm.scan"  # the counting stand-in is gone again
