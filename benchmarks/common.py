@@ -33,3 +33,29 @@ def append_results(path: str, text: str) -> None:
     with open(path, "a") as fh:
         fh.write(text.rstrip() + "\n\n")
     print(f"appended to {path}")
+
+
+BACKBONES = {"vim_s": "vim_small_patch16_224", "deit_s": "deit_small_patch16_224",
+             "plainmamba_l3": "plainmamba_l3"}
+TINY_BACKBONES = {"vim_s": "vim_test_patch4_32", "deit_s": "deit_test_patch4_32", "plainmamba_l3": "plainmamba_test_32"}
+
+
+def presets_for(backbone) -> list:
+    """Every preset that runs on this (built) backbone, by name."""
+    from tokenprune.pruning import METHODS
+    from tokenprune.pruning.methods import inapplicable_reason
+    return [m for m in sorted(METHODS) if inapplicable_reason(m, backbone) is None]
+
+
+def build_variant(base, method, reduction: float, proposal=None):
+    """tokenprune.create_model at the per-stage keep whose simulated token reduction is `reduction`
+    (solve_keep: one-step presets keep 1 - reduction, multi-stage ones less per stage). Returns (model, keep)."""
+    import tokenprune
+    from tokenprune.evaluate.budget import solve_keep
+    if method is None or reduction == 0:
+        return tokenprune.create_model(base), 1.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keep = solve_keep(base, method, reduction, proposal=proposal)
+    return tokenprune.create_model(base, method, keep=keep, proposal=proposal), keep

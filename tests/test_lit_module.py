@@ -292,6 +292,40 @@ def test_flops_and_throughput_callbacks_log_their_keys(tmp_path):
     assert "flops/gflops" in text and "throughput/speedup" in text and "train/loss" in text and "train/lr" in text
 
 
+def test_throughput_after_fit_measures_the_training_device_before_teardown(tmp_path, monkeypatch):
+    """Lightning tears down (module to CPU) before on_fit_end: the fit measurement must run earlier, on
+    trainer.strategy.root_device. A spy on the strategy's teardown shows the order; the record names the device."""
+    x, y = learnable_batches(8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    thr = ThroughputCallback(batch_size=2, warmup=1, iters=2, rounds=1, verbose=False, on_validate=False)
+    events = []
+    import tokenprune.bench as bench
+    real = bench.compare_throughput
+
+    def spy(models, *args, device=None, **kw):
+        events.append(("measure", str(device), str(next(models["pruned"].parameters()).device)))
+        return real(models, *args, device=device, **kw)
+
+    monkeypatch.setattr(bench, "compare_throughput", spy)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[thr])
+    teardown = trainer.strategy.teardown
+
+    def spy_teardown():
+        events.append(("teardown",))
+        return teardown()
+
+    monkeypatch.setattr(trainer.strategy, "teardown", spy_teardown)
+    m = PruningClassifier("deit_test_patch4_32", "evit", 0.5, warmup_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(m, loader)
+    root = str(trainer.strategy.root_device)
+    assert [e[0] for e in events] == ["measure", "teardown"]
+    assert events[0][1:] == (root, root)
+    assert thr.result["measured_on"] == root and thr.result["hook"] == "train_end"
+    assert thr.result["device"] == root
+
+
 # ---------------------------------------------------------------------------------------------- data stream
 def _batches(loader, n=None):
     out = []

@@ -390,7 +390,8 @@ def test_classify_weights_merged_tokens_by_size(tiny):
     state = state.with_tokens(x=x)
     plain = tiny.classify(state)
     torch.testing.assert_close(plain, tiny.head(tiny.ln1(x).mean(1)))
-    merged = tiny.classify(state.with_tokens(size=torch.tensor([[1.0, 3.0, 2.0]])))
+    # a merging reducer flags its sizes (the flag, not a read-back of the sizes, picks the weighted mean)
+    merged = tiny.classify(state.with_tokens(size=torch.tensor([[1.0, 3.0, 2.0]]), extras={"merged": True}))
     h = tiny.ln1(x)
     torch.testing.assert_close(merged, tiny.head((h[:, 0] + 3 * h[:, 1] + 2 * h[:, 2]) / 6))
 

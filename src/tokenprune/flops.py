@@ -60,7 +60,16 @@ def bicubic_flop_handle(inputs, outputs):
     return 16 * math.prod(get_shape(outputs[0]))  # 4x4 taps per output element
 
 
+def bilinear_aa_flop_handle(inputs, outputs):
+    """Antialiased bilinear resize: a triangle filter widened by the downscale factor, ceil(2 * in / out)
+    taps per axis (at least 2), one multiply-add per tap and output element."""
+    src, out = get_shape(inputs[0]), get_shape(outputs[0])
+    taps = [max(2, math.ceil(2 * i / o)) for i, o in zip(src[-2:], out[-2:])]
+    return taps[0] * taps[1] * math.prod(out)
+
+
 HANDLES = {
+    "aten::_upsample_bilinear2d_aa": bilinear_aa_flop_handle,
     "prim::PythonOp.SelectiveScan": scan_flop_handle,
     "aten::scaled_dot_product_attention": sdpa_flop_handle,
     "aten::upsample_bicubic2d": bicubic_flop_handle,

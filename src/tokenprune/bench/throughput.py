@@ -217,6 +217,7 @@ def compare_throughput(models: Mapping[str, nn.Module], input_size: Sequence[int
             "iters": done[n],
             "warmup": warmup,
             "convention_ok": convention_ok,
+            "compile": getattr(models[n], "compile_mode", "none"),  # eager, torch.compile or CUDA-graph replay
             **env,
         }
     ref_rounds = times[reference]

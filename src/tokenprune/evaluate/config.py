@@ -143,6 +143,8 @@ class EvalConfig:
         max_samples: evaluate only the first N validation samples
         batch_size: validation batch size
         dtype: validation dtype (autocast on CUDA when not float32)
+        compile: none (eager) | compile (torch.compile) | cudagraph (CUDA-graph replay at a fixed batch), for
+            every variant (accuracy and throughput; the throughput records say which ran)
         flops: count params / FLOPs (fvcore, CPU)
         skip_inapplicable: skip (and list in the report) methods not defined for a backbone family
         name: report name; default output_dir = reports/<name or timestamp>
@@ -160,6 +162,7 @@ class EvalConfig:
     max_samples: Optional[int] = None
     batch_size: int = 64
     dtype: str = "float32"
+    compile: str = "none"
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
     flops: bool = True
@@ -205,6 +208,8 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
                               visualize=_to_dataclass(VisualizeConfig, cfg.visualize) or VisualizeConfig())
     if not cfg.backbones:
         raise ValueError("no backbone given: --backbones '[vim_small_patch16_224]' or a `backbones:` list")
+    from ..pruning.capture import check_mode
+    check_mode(cfg.compile)  # a typo fails before any model is built
     if cfg.budget not in BUDGET_MODES:
         raise ValueError(f"budget must be one of {BUDGET_MODES}, got {cfg.budget!r}")
     for r in [r for b in cfg.backbones for r in (b.reductions or [])] + list(cfg.reductions):

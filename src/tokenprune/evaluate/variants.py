@@ -135,7 +135,8 @@ def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module
     from ..pruning.methods import create_model, inapplicable_reason
     from .budget import solve_keep, solve_keep_for_flops
 
-    variants = [Variant("unpruned", "Unpruned", None, None, None, None, 1.0, create_model(bb).eval())]
+    variants = [Variant("unpruned", "Unpruned", None, None, None, None, 1.0,
+                        create_model(bb, compile=cfg.compile).eval())]
     skipped = []
     labels = {}
     work = [(e, r) for e in (cfg.methods if methods is None else methods)
@@ -168,7 +169,7 @@ def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module
                 unpruned_flops = count_flops(variants[0].model).total
             keep = solve_keep_for_flops(bb, entry.method, 1.0 - float(budget), unpruned_flops=unpruned_flops,
                                         **opts)
-        model = create_model(bb, entry.method, keep=keep, seed=cfg.seed, **opts).eval()
+        model = create_model(bb, entry.method, keep=keep, seed=cfg.seed, compile=cfg.compile, **opts).eval()
         variants.append(Variant(f"{label}@{budget}", label, entry.method, entry, cfg.budget, float(budget), keep,
                                 model))
     return variants, skipped

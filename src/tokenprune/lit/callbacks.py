@@ -149,7 +149,10 @@ class ThroughputCallback(Callback):
     with :func:`tokenprune.bench.compare_throughput`, on global rank 0, on the module's device.
 
     When: at the end of ``validate`` / ``test`` (logged with the epoch metrics, so it works for training-free
-    evaluation) and at the end of ``fit`` (logged to the loggers). Logs ``throughput/images_per_s``,
+    evaluation) and at the end of ``fit`` (logged to the loggers). The fit measurement runs in
+    ``on_train_end``: Lightning 2.6 tears the strategy down (moving the module to the CPU) *before* it calls
+    ``on_fit_end``, so measuring there timed the CPU. It runs on ``trainer.strategy.root_device``, and the
+    record says so (``measured_on``, ``hook``). Logs ``throughput/images_per_s``,
     ``throughput/images_per_s_unpruned``, ``throughput/speedup``, ``throughput/peak_mem_mb`` and
     ``throughput/peak_mem_mb_unpruned``; writes ``throughput.json`` (device, dtype, batch, versions, per-round
     ratios) into the log directory.
@@ -159,24 +162,33 @@ class ThroughputCallback(Callback):
         batch_size, warmup, iters, rounds: measurement settings (convention: >= 10 warm-up, >= 30 timed).
         dtype: float32, or bfloat16/float16 (autocast).
         input_size: (C, H, W); default from the backbone.
-        on_validate, on_test, on_fit_end: when to measure.
+        on_validate, on_test, on_fit_end: when to measure (on_fit_end: once training ends, before teardown).
+        compile: measure both models in this mode ("none", "compile", "cudagraph"); default: the model's own
+            (``model.compile_mode``). The record says which ran (``compile``).
         verbose: progress bar.
     """
 
     def __init__(self, enabled: bool = True, batch_size: int = 64, warmup: int = 10, iters: int = 30,
                  rounds: int = 5, dtype: str = "float32", input_size: Optional[List[int]] = None,
-                 on_validate: bool = True, on_test: bool = True, on_fit_end: bool = True, verbose: bool = True):
+                 on_validate: bool = True, on_test: bool = True, on_fit_end: bool = True, verbose: bool = True,
+                 compile: Optional[str] = None):
         self.enabled = enabled
         self.batch_size, self.warmup, self.iters, self.rounds = batch_size, warmup, iters, rounds
         self.dtype = dtype
         self.input_size = input_size
         self.on_validate, self.on_test, self.on_fit_end_ = on_validate, on_test, on_fit_end
         self.verbose = verbose
+        if compile is not None:
+            from ..pruning.capture import check_mode
+            check_mode(compile)
+        self.compile = compile
         self.result: Optional[Dict[str, Any]] = None
         self.metrics: Optional[Dict[str, float]] = None
 
-    def measure(self, pl_module: L.LightningModule) -> Dict[str, float]:
+    def measure(self, pl_module: L.LightningModule, device=None, hook: Optional[str] = None) -> Dict[str, float]:
+        """Time pruned vs unpruned on `device` (default: the module's device)."""
         from ..bench import compare_throughput
+        device = torch.device(device) if device is not None else pl_module.device
         model = _pruned_model(pl_module)
         models = {"pruned": model}
         if getattr(model, "stages", None) is not None and len(model.stages) > 0:
@@ -186,9 +198,22 @@ class ThroughputCallback(Callback):
                 unpruned = PrunedModel(model.backbone, [], method=None)
             models["unpruned"] = unpruned
         ref = "unpruned" if "unpruned" in models else "pruned"
-        result = compare_throughput(models, _input_size(model, self.input_size), self.batch_size, self.warmup,
-                                    self.iters, device=pl_module.device, dtype=self.dtype, reference=ref,
-                                    rounds=self.rounds, verbose=self.verbose)
+        mode = self.compile or getattr(model, "compile_mode", "none")
+        saved = {n: getattr(m, "compile_mode", None) for n, m in models.items()}
+        try:
+            for n, m in models.items():
+                if saved[n] is not None and saved[n] != mode:
+                    m.set_compile(mode)
+            result = compare_throughput(models, _input_size(model, self.input_size), self.batch_size,
+                                        self.warmup, self.iters, device=device, dtype=self.dtype, reference=ref,
+                                        rounds=self.rounds, verbose=self.verbose)
+        finally:
+            for n, m in models.items():
+                if saved[n] is not None and saved[n] != mode:
+                    m.set_compile(saved[n])
+        result["compile"] = mode
+        result["measured_on"] = str(device)
+        result["hook"] = hook
         self.result = result
         p, u = result["models"]["pruned"], result["models"][ref]
         self.metrics = {
@@ -208,7 +233,7 @@ class ThroughputCallback(Callback):
             return
         if not trainer.is_global_zero:
             return
-        metrics = self.measure(pl_module)
+        metrics = self.measure(pl_module, trainer.strategy.root_device, hook=fn)
         for k, v in metrics.items():
             pl_module.log(k, v, rank_zero_only=True)
         _write_json(trainer, "throughput.json", self.result)
@@ -221,10 +246,11 @@ class ThroughputCallback(Callback):
         if self.on_test:
             self._eval_end(trainer, pl_module, "test")
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
+        # not on_fit_end: by then the module is on the CPU (DESIGN.md §6)
         if not (self.enabled and self.on_fit_end_) or not trainer.is_global_zero:
             return
-        metrics = self.measure(pl_module)
+        metrics = self.measure(pl_module, trainer.strategy.root_device, hook="train_end")
         _log_to_loggers(trainer, metrics)
         _write_json(trainer, "throughput.json", self.result)
 

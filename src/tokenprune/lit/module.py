@@ -188,6 +188,8 @@ class PruningClassifier(L.LightningModule):
         num_classes: classifier classes (default: the backbone's; the CLI links it to ``data.num_classes``).
         rng_seed: base seed of the per-step generators (default: ``seed_everything``'s, else 0); a resumed run
             keeps the seed stored in its checkpoint.
+        compile: "none" (eager), "compile" (torch.compile of the forward) or "cudagraph" (CUDA-graph replay of
+            the inference forward: validation/test at a fixed batch); see ``tokenprune.pruning.capture``.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class PruningClassifier(L.LightningModule):
         distill_teacher_checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
         rng_seed: Optional[int] = None,
+        compile: str = "none",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -243,7 +246,7 @@ class PruningClassifier(L.LightningModule):
         self.model: PrunedModel = create_model(
             backbone, method, keep, layers=layers, smoothing=smoothing, alignment=alignment,
             proposal=proposal, proposal_checkpoint=expand_path(proposal_checkpoint, "proposal_checkpoint"),
-            model_kwargs=mk, **dict(method_options or {}))
+            model_kwargs=mk, compile=compile, **dict(method_options or {}))
         if lightning_ckpt is not None:
             load_backbone_from_lightning(self.model, ckpt_path, checkpoint_use_ema, ckpt=lightning_ckpt)
             del lightning_ckpt
@@ -347,7 +350,7 @@ class PruningClassifier(L.LightningModule):
 
     def unpruned_model(self) -> PrunedModel:
         """The same backbone (shared weights) without reduction stages: the reference for speed-ups."""
-        return PrunedModel(self.model.backbone, [], method=None)
+        return PrunedModel(self.model.backbone, [], method=None).set_compile(self.model.compile_mode)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:

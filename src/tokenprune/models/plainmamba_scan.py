@@ -128,7 +128,7 @@ def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Ten
     if pos.dim() != 2 or pos.dtype != torch.long:
         raise ValueError(f"pos must be a (B, T) long tensor, got {pos.dtype} {tuple(pos.shape)}")
     L = inverse.shape[1]
-    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
+    if ops.check_values(pos) and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
         raise ValueError(f"PlainMamba token positions must be raster indices in [0, {L - 1}], got range "
                          f"[{int(pos.min())}, {int(pos.max())}] (fused tokens without a grid position, as "
                          "EViT makes, are not supported)")

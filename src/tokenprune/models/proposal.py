@@ -4,6 +4,7 @@ PaPr reads the channel mean of the last feature map; the network is trained as a
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import timm
@@ -65,3 +66,60 @@ def build_proposal(proposal: Union[str, nn.Module, None], checkpoint: Optional[s
         from .checkpoint import load_checkpoint_file
         load_checkpoint_file(model, checkpoint)
     return model.eval()
+
+
+# Conv -> BN pairs inside timm's MobileNet/EfficientNet blocks (attribute names as timm registers them);
+# consecutive (Conv2d, BatchNorm2d) children of an nn.Sequential are folded too. Anything else stays as is.
+FOLD_PAIRS = {
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "ConvBnAct": (("conv", "bn1"),),
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    "MobileNetV3": (("conv_stem", "bn1"),),
+}
+
+
+def _foldable(conv, bn) -> bool:
+    return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.running_mean is not None
+            and bn.num_features == conv.out_channels)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv followed by eval-mode BN as one conv: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
+    scale = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps)
+    # made where the weights are, uninitialised (no CPU tensors, no random init: both are overwritten)
+    fused = torch.nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                     conv.padding, conv.dilation, conv.groups, bias=True,
+                                     padding_mode=conv.padding_mode, device=conv.weight.device,
+                                     dtype=conv.weight.dtype)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight.detach() * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias.detach())
+    return fused
+
+
+def _after_bn(bn: nn.Module) -> nn.Module:
+    """What is left of a folded BN: timm's BatchNormAct2d keeps its dropout and activation."""
+    rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode ConvNet with every known conv -> BN pair folded into one conv (inference only:
+    the running statistics become constants). Same outputs to float rounding (tested on MobileNetV2 and the
+    micro proposal), fewer kernels."""
+    model = copy.deepcopy(model).eval()
+    for parent in model.modules():
+        pairs = list(FOLD_PAIRS.get(type(parent).__name__, ()))
+        if isinstance(parent, nn.Sequential):
+            names = [n for n, _ in parent.named_children()]
+            pairs += list(zip(names[:-1], names[1:]))
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            if _foldable(conv, bn):
+                setattr(parent, conv_name, _fold(conv, bn))
+                setattr(parent, bn_name, _after_bn(bn))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -5,6 +5,7 @@ outputs only at the blocks where they are used, and an impossible combination fa
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Set
 
 import torch
@@ -31,10 +32,23 @@ class RandomScore(Evaluator):
         self.seed = seed
 
     def forward(self, state, signals):
+        if state.x.device.type != "cpu" and self.seed is not None:
+            return hashed_uniform(state.pos.shape, self.seed + state.num_tokens, state.x.device)
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(self.seed + state.num_tokens)
         return torch.rand(state.pos.shape, generator=gen).to(state.x.device)
+
+
+def hashed_uniform(shape, seed: int, device) -> torch.Tensor:
+    """Reproducible uniform [0, 1) values made on `device` from a counter hash (no CPU generator, no host
+    copy, so a CUDA graph can capture it): a 31-bit multiply-xorshift of (seed, element index)."""
+    mask = (1 << 31) - 1
+    h = (torch.arange(math.prod(shape), device=device, dtype=torch.int64) + (seed * 0x9E3779B1 & mask)) & mask
+    for mult in (0x2C1B3C6D, 0x297A2D39):  # products stay below 2**62: no int64 overflow on any device
+        h = ((h ^ (h >> 15)) * mult) & mask
+    h = h ^ (h >> 13)
+    return (h.to(torch.float32) / float(1 << 31)).reshape(shape)
 
 
 class L2Score(Evaluator):
@@ -78,11 +92,29 @@ class PaPrScore(Evaluator):
     name = "papr"
     needs = {"images"}
 
-    def __init__(self, proposal: nn.Module):
+    def __init__(self, proposal: nn.Module, input_size: Optional[int] = None):
         super().__init__()
+        if input_size is not None and (isinstance(input_size, bool) or int(input_size) < 8):
+            raise ValueError(f"proposal_size must be an int >= 8 (pixels) or None, got {input_size!r}")
         self.proposal = proposal.eval()
+        self.input_size = None if input_size is None else int(input_size)
         for p in self.proposal.parameters():
             p.requires_grad_(False)
+        self.__dict__["_fast"] = (None, None)  # (key, folded copy): not a submodule, so not in the state dict
+
+    def fast_proposal(self) -> nn.Module:
+        """The proposal with conv+BN folded (and channels-last on CUDA), rebuilt when its weights move or change
+        (keyed by device, storage and version counters: python attributes, no device read-back)."""
+        params = list(self.proposal.parameters()) + list(self.proposal.buffers())
+        key = tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in params)
+        cached_key, fast = self.__dict__.get("_fast", (None, None))
+        if fast is None or cached_key != key:
+            from ..models.proposal import fold_batchnorm
+            fast = fold_batchnorm(self.proposal)
+            if params and params[0].device.type == "cuda":
+                fast = fast.to(memory_format=torch.channels_last)
+            self.__dict__["_fast"] = (key, fast)
+        return fast
 
     def train(self, mode: bool = True):  # the proposal network stays frozen (BN statistics included)
         super().train(mode)
@@ -90,8 +122,16 @@ class PaPrScore(Evaluator):
         return self
 
     def score_map(self, images: torch.Tensor, grid) -> torch.Tensor:
-        feats = self.proposal.forward_features(images) if hasattr(self.proposal, "forward_features") \
-            else self.proposal(images)
+        if self.input_size is not None and tuple(images.shape[-2:]) != (self.input_size, self.input_size):
+            # a cheaper proposal pass on a smaller image; the score map is resized to the grid anyway
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        # fvcore traces the registered network (FLOPs and per-module attribution as before, BN included)
+        # (and torch.compile sees it too: building the folded copy is Python work it cannot trace)
+        net = self.proposal if torch.jit.is_tracing() or torch.compiler.is_compiling() else self.fast_proposal()
+        if images.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = net.forward_features(images) if hasattr(net, "forward_features") else net(images)
         if feats.dim() != 4:
             raise ValueError(f"PaPr proposal network must give a (B, C, h, w) feature map, got {tuple(feats.shape)}")
         saliency = feats.float().mean(dim=1, keepdim=True)
@@ -105,7 +145,8 @@ class PaPrScore(Evaluator):
         return torch.where(idx >= 0, scores, torch.full_like(scores, float("inf")))
 
 
-def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optional[int] = 0) -> Evaluator:
+def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optional[int] = 0,
+                    proposal_size: Optional[int] = None) -> Evaluator:
     if name == "random":
         return RandomScore(seed)
     if name == "l2":
@@ -118,7 +159,7 @@ def build_evaluator(name: str, proposal: Optional[nn.Module] = None, seed: Optio
         if proposal is None:
             raise ValueError("evaluator 'papr' needs a proposal ConvNet: pass proposal=<timm name or module> "
                              "and proposal_checkpoint=<local file>")
-        return PaPrScore(proposal)
+        return PaPrScore(proposal, input_size=proposal_size)
     raise ValueError(f"unknown evaluator {name!r}; expected one of {sorted(EVALUATORS)}")
 
 

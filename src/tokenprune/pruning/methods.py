@@ -141,12 +141,28 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
                  reducer: Optional[str] = None, smoothing: Optional[int] = None, border: str = "zero",
                  smoothing_kind: str = "mean", alignment: Optional[str] = "default",
                  proposal: Union[str, nn.Module, None] = None, proposal_checkpoint: Optional[str] = None,
-                 seed: int = 0, model_kwargs: Optional[dict] = None, **reducer_options) -> PrunedModel:
+                 seed: int = 0, model_kwargs: Optional[dict] = None, compile: str = "none",
+                 proposal_size: Optional[int] = None, **reducer_options) -> PrunedModel:
     """Backbone (timm name or module) + pruning method at a per-stage keep ratio -> PrunedModel.
 
     keep is the fraction of non-protected tokens each stage keeps (EViT rounds up, others to nearest).
     keep=1.0, or method=None, gives the unpruned backbone exactly (no stage is built).
+    compile: "none" (eager), "compile" (torch.compile) or "cudagraph" (CUDA-graph replay at inference);
+    see tokenprune.pruning.capture.
+    proposal_size: run the PaPr proposal on images resized to this side (pixels); None: the input as given.
     """
+    from .capture import check_mode
+    check_mode(compile)
+    return _create_model(backbone, method, keep, layers=layers, evaluator=evaluator, reducer=reducer,
+                         smoothing=smoothing, border=border, smoothing_kind=smoothing_kind, alignment=alignment,
+                         proposal=proposal, proposal_checkpoint=proposal_checkpoint, seed=seed,
+                         model_kwargs=model_kwargs, proposal_size=proposal_size,
+                         **reducer_options).set_compile(compile)
+
+
+def _create_model(backbone, method, keep, *, layers, evaluator, reducer, smoothing, border, smoothing_kind,
+                  alignment, proposal, proposal_checkpoint, seed, model_kwargs, proposal_size=None,
+                  **reducer_options) -> PrunedModel:
     bb = as_backbone(backbone, allow_plain=method is None, **(model_kwargs or {}))
     if method is None or keep == 1.0:
         if method is not None and method not in METHODS:
@@ -192,7 +208,8 @@ def create_model(backbone: Union[str, nn.Module], method: Optional[str] = None, 
     stages = []
     for layer in resolve_schedule(layers if layers is not None else spec.schedule, bb.num_layers,
                                   bb.reduction_point):
-        ev = build_evaluator(ev_name, proposal=proposal_net, seed=seed) if ev_name else None
+        ev = build_evaluator(ev_name, proposal=proposal_net, seed=seed, proposal_size=proposal_size) \
+            if ev_name else None
         if ev is not None and layer == BEFORE_ENCODER and ev.needs - {"images"}:
             raise ValueError(f"evaluator {ev_name!r} needs {sorted(ev.needs)} from a block; it cannot run "
                              "before the encoder")

@@ -36,11 +36,20 @@ def _split(state: TokenState, joint: torch.Tensor, src_index: torch.Tensor, size
 
 
 def n_free(state: TokenState) -> int:
-    return state.num_tokens - int(state.protected[0].sum())
+    return state.num_tokens - state.n_protected  # python ints: the device is never read
+
+
+def _protected_in_a(state: TokenState) -> Optional[int]:
+    """Protected tokens in ToMe's set A (even positions) when the state knows where they are: only the CLS."""
+    if state.n_protected == 0:
+        return 0
+    if state.n_protected == 1 and state.cls_index is not None:
+        return 1 - state.cls_index % 2
+    return None
 
 
 def prune(state, scores, signals, keep: int, **_):
-    idx = ops.topk_indices(scores, keep, protected=state.protected, keep_order=True)
+    idx = ops.topk_indices(scores, keep, protected=state.protected, keep_order=True, n_protected=state.n_protected)
     return state.gather(idx, cls_index=state.cls_index)
 
 
@@ -63,7 +72,8 @@ def evit(state, scores, signals, keep: int, keep_order: bool = False, **_):
 
 def tome(state, scores, signals, keep: int, metric: str = "keys", **_):
     r = n_free(state) - keep
-    merge, _, src = ops.bipartite_soft_matching(signals[metric], r, protected=state.protected)
+    merge, _, src = ops.bipartite_soft_matching(signals[metric], r, protected=state.protected,
+                                                n_protected=state.n_protected, protected_a=_protected_in_a(state))
     joint, size = ops.merge_wavg(merge, _joint(state), state.size)
     out = _split(state, joint, src, size)
     out.extras["prop_attn"] = True  # ToMe's proportional attention from here on
@@ -71,7 +81,7 @@ def tome(state, scores, signals, keep: int, metric: str = "keys", **_):
 
 
 def visionzip(state, scores, signals, keep: int, mode: str = "add", contextual: Optional[int] = None, **_):
-    n_prot = state.num_tokens - n_free(state)
+    n_prot = state.n_protected
     ctx = contextual if contextual is not None else max(1, round(keep * VISIONZIP_CONTEXTUAL_SHARE))
     ctx = min(ctx, keep)
     dominant = n_prot + keep - ctx if state.cls_index is not None else keep - ctx
@@ -84,13 +94,14 @@ def pumer(state, scores, signals, keep: int, metric: str = "hidden", **_):
     removal = n_free(state) - keep
     prune_keep = n_free(state) - (removal + 1) // 2
     x, size, src = ops.pumer_reduce(_joint(state), state.size, scores, signals[metric], prune_keep,
-                                    prune_keep - keep, protected=state.protected)
+                                    prune_keep - keep, protected=state.protected, n_protected=state.n_protected)
     return _split(state, x, src, size)
 
 
 def utr(state, scores, signals, keep: int, metric: str = "hidden", prune_fraction: float = 0.5, **_):
     x, size, src = ops.utr_reduce(_joint(state), state.size, scores, signals[metric], keep,
-                                  prune_fraction=prune_fraction, protected=state.protected)
+                                  prune_fraction=prune_fraction, protected=state.protected,
+                                  n_protected=state.n_protected)
     return _split(state, x, src, size)
 
 

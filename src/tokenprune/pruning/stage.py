@@ -76,6 +76,8 @@ class ReductionStage(nn.Module):
         if self.is_ssm:
             state = reducers.set_alignment(reducers.restore_scan_order(state), self.alignment)
         state.extras["reduced"] = True
+        if self.reducer_name != "prune":  # tokens may stand for several patches (size-weighted pooling)
+            state.extras["merged"] = True
         if self.trace is not None:
             self.trace.append(StageTrace(self.layer, n_in, state.num_tokens, state.pos.detach(),
                                          state.size.detach(), state.protected.detach(), state.cls_index))
@@ -102,6 +104,9 @@ class PrunedModel(nn.Module):
                                  f"backbone (use -1 for before the encoder)")
         self.token_trace: List = []
         self.kept_patches: Optional[List] = None
+        self.trace_tokens = True  # per-stage StageTrace records (off when compiled / captured)
+        self.compile_mode = "none"
+        self._runner = None
 
     @property
     def num_classes(self) -> int:
@@ -110,9 +115,42 @@ class PrunedModel(nn.Module):
     def record_kept_patches(self, on: bool = True) -> None:
         self.kept_patches = [] if on else None
 
+    def set_compile(self, mode: Optional[str] = "none", **compile_kwargs) -> "PrunedModel":
+        """Run the forward eagerly ("none"), through torch.compile ("compile"; `compile_kwargs` go to it,
+        e.g. backend, fullgraph) or replayed from CUDA graphs at inference ("cudagraph"); see
+        tokenprune.pruning.capture. Token traces are off unless eager."""
+        from .capture import CudaGraphRunner, check_mode
+        mode = check_mode(mode)
+        self.compile_mode = mode
+        self.trace_tokens = mode == "none"
+        self.token_trace = []
+        if mode == "compile":
+            self._runner = torch.compile(self._forward, **{"dynamic": False, **compile_kwargs})
+        elif mode == "cudagraph":
+            self._runner = CudaGraphRunner(self._forward)
+        else:
+            self._runner = None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        runner = self.__dict__.get("_runner")
+        if hasattr(runner, "reset"):
+            runner.reset()  # captured graphs point at the old weights
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # copies and pickles rebuild the compiled / captured runner lazily
+        state = dict(super().__getstate__())
+        state["_runner"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if state.get("compile_mode", "none") != "none":
+            self.set_compile(state["compile_mode"])
+
     def _schedule(self):
         """Fresh traces and the (hooks by block, before-encoder step) of this forward."""
-        self.token_trace = []
+        self.token_trace = [] if self.trace_tokens else None
         if self.kept_patches is not None:
             self.kept_patches = []
         for s in self.stages:
@@ -123,6 +161,11 @@ class PrunedModel(nn.Module):
         return hooks, before
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._runner is not None:
+            return self._runner(images)
+        return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
         hooks, before = self._schedule()
         return self.backbone.forward_tokens(images, hooks=hooks, before=before)
 

@@ -24,7 +24,9 @@ class TokenState:
     residual: Optional[torch.Tensor] = None  # (B, T, D) fp32 residual stream (ViM)
     cls_index: Optional[int] = None  # where the CLS sits in the current sequence
     seq_len: int = 0  # length of the original sequence (for gap counts)
-    extras: dict = field(default_factory=dict)  # backbone-specific per-call data (e.g. PlainMamba orders)
+    n_protected: int = 0  # protected tokens per row: a python int, so budgets never read the device
+    # per-call data: "reduced" / "merged" (a stage ran / sizes may differ from 1), alignment, PlainMamba orders
+    extras: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +39,7 @@ class TokenState:
     def patch_index(self) -> torch.Tensor:
         """Grid index (0..H*W-1) of each token; -1 for CLS, registers and fused extra tokens."""
         safe = self.pos.clamp(min=0)
-        idx = self.patch_offset.to(self.pos.device)[safe]
+        idx = self.patch_offset[safe]
         return torch.where(self.pos >= 0, idx, torch.full_like(idx, -1))
 
     def gather(self, idx: torch.Tensor, cls_index: Optional[int] = None) -> "TokenState":
@@ -76,20 +78,58 @@ class TokenState:
         if self.cls_index is None:
             return self, None
         B, T = (int(s) for s in self.pos.shape)  # python ints also under jit tracing
-        others = [i for i in range(T) if i != self.cls_index]
-        middle = (T - 1) // 2
-        order = others[:middle] + [self.cls_index] + others[middle:]
-        idx = torch.tensor(order, device=self.x.device).unsqueeze(0).expand(B, -1)
-        return self.gather(idx, cls_index=middle), middle
+        c, middle = self.cls_index, (T - 1) // 2
+
+        def build(device):
+            # order = others[:middle] + [c] + others[middle:] as arithmetic on an arange (no host list)
+            j = torch.arange(T, device=device)
+            other = j - (j > middle).long()  # rank among the non-CLS tokens
+            other = other + (other >= c).long()  # skip the CLS
+            return torch.where(j == middle, torch.full_like(j, c), other)
+
+        idx = static_index(("middle_cls", T, c), self.x.device, build)
+        return self.gather(idx.unsqueeze(0).expand(B, -1), cls_index=middle), middle
 
 
-def grid_offsets(seq_len: int, special: Sequence[int]) -> torch.Tensor:
-    """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`."""
-    is_patch = torch.ones(seq_len, dtype=torch.bool)
-    is_patch[list(special)] = False
-    offsets = torch.full((seq_len,), -1, dtype=torch.long)
-    offsets[is_patch] = torch.arange(int(is_patch.sum()))
-    return offsets
+_STATIC: dict = {}  # (what, sizes..., device) -> index tensor that depends only on python ints
+
+
+def static_index(key: tuple, device, build) -> torch.Tensor:
+    """An index tensor that depends only on python ints, built once per device (then no launch per forward).
+
+    Not cached while a CUDA graph is being captured (the kernels that fill it would not run until replay)
+    or under torch.compile (it traces `build` instead); built outside inference mode so that training can
+    use it after an inference_mode measurement."""
+    device = torch.device(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or torch.compiler.is_compiling():
+        return build(device)
+    k = key + (str(device),)
+    t = _STATIC.get(k)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = build(device)
+        if len(_STATIC) < 256:
+            _STATIC[k] = t
+    return t
+
+
+def _special_mask(j: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
+    mask = torch.zeros_like(j, dtype=torch.bool)
+    for s in sorted(set(int(v) for v in special)):  # a handful (CLS, registers): one compare each
+        mask = mask | (j == s)
+    return mask
+
+
+def grid_offsets(seq_len: int, special: Sequence[int], device=None) -> torch.Tensor:
+    """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`.
+
+    Built on `device` from an arange (no CPU tensor copied per forward)."""
+    j = torch.arange(seq_len, device=device)
+    before = torch.zeros_like(j)
+    for s in sorted(set(int(v) for v in special)):
+        before = before + (j > s).long()  # special tokens before j
+    return torch.where(_special_mask(j, special), torch.full_like(j, -1), j - before)
 
 
 def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int] = (),
@@ -98,10 +138,12 @@ def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int]
     B, T, _ = x.shape
     if T - len(special) != grid[0] * grid[1]:
         raise ValueError(f"sequence of {T} tokens with {len(special)} special ones does not fit grid {grid}")
-    pos = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
-    protected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-    protected[:, list(special)] = True
+    special = tuple(sorted(set(int(v) for v in special)))
+    pos = static_index(("arange", T), x.device, lambda d: torch.arange(T, device=d)).unsqueeze(0).expand(B, -1)
+    protected = static_index(("special", T, special), x.device,
+                             lambda d: _special_mask(torch.arange(T, device=d), special)).unsqueeze(0).expand(B, -1)
     size = torch.ones(B, T, device=x.device, dtype=torch.float32)
+    offsets = static_index(("offsets", T, special), x.device, lambda d: grid_offsets(T, special, d))
     return TokenState(x=x, pos=pos, size=size, protected=protected, grid=grid,
-                      patch_offset=grid_offsets(T, special).to(x.device), residual=residual,
-                      cls_index=cls_at, seq_len=T)
+                      patch_offset=offsets, residual=residual,
+                      cls_index=cls_at, seq_len=T, n_protected=len(set(int(v) for v in special)))

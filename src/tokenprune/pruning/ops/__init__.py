@@ -5,6 +5,7 @@ must be preserved, indices are ascending. Invalid arguments raise ValueError nam
 """
 from .alignment import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order, scan_gaps,
                         scan_gaps_unordered, scatter_to_sequence)
+from .checks import check_values, value_checks
 from .evit import evit_fuse, evit_reduce, evit_select
 from .grid import gather_from_grid, scatter_to_grid
 from .pumer import pumer_reduce
@@ -16,6 +17,7 @@ from .utr import merge_into, utr_reduce
 from .visionzip import visionzip_reduce
 
 __all__ = [
+    "check_values", "value_checks",
     "scatter_to_grid", "gather_from_grid",
     "smooth_scores", "smoothing_kernel",
     "topk_indices", "complement_indices", "keep_count", "keep_count_ceil", "keep_count_even", "protected_count",

@@ -15,12 +15,16 @@ from typing import Tuple
 
 import torch
 
+from .checks import check_values
+
 
 def _check_pos(pos: torch.Tensor, seq_len: int, strictly_increasing: bool) -> None:
     if pos.dim() != 2 or pos.dtype != torch.long:
         raise ValueError(f"pos must be a (B, T) long tensor, got {pos.dtype} {tuple(pos.shape)}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < int(pos.shape[1]):
         raise ValueError(f"seq_len must be an int >= T={pos.shape[1]}, got {seq_len!r}")
+    if not check_values(pos):
+        return
     if pos.numel() and (pos.min() < 0 or pos.max() >= seq_len):
         raise ValueError(f"pos values must be in [0, {seq_len - 1}], "
                          f"got range [{int(pos.min())}, {int(pos.max())}]")
@@ -106,10 +110,11 @@ def scatter_to_sequence(x: torch.Tensor, pos: torch.Tensor, seq_len: int, fill: 
         raise ValueError(f"x must be (B, T, D) and pos (B, T), got {tuple(x.shape)} and {tuple(pos.shape)}")
     _check_pos(pos, seq_len, strictly_increasing=False)
     B, T, D = (int(s) for s in x.shape)
-    hits = torch.zeros(B, seq_len, dtype=torch.int32, device=x.device)
-    hits.scatter_add_(1, pos, torch.ones_like(pos, dtype=torch.int32))
-    if bool((hits > 1).any()):
-        raise ValueError("pos has a repeated position in a row; each kept token needs its own position")
+    if check_values(pos):
+        hits = torch.zeros(B, seq_len, dtype=torch.int32, device=x.device)
+        hits.scatter_add_(1, pos, torch.ones_like(pos, dtype=torch.int32))
+        if bool((hits > 1).any()):
+            raise ValueError("pos has a repeated position in a row; each kept token needs its own position")
     return x.new_full((B, seq_len, D), fill).scatter(1, pos[..., None].expand(B, T, D), x)
 
 
@@ -135,7 +140,7 @@ def restricted_order(order: torch.Tensor, kept_positions: torch.Tensor) -> torch
     if order.dim() != 1 or order.dtype != torch.long:
         raise ValueError(f"order must be a 1-D long tensor, got {order.dtype} {tuple(order.shape)}")
     L = int(order.shape[0])
-    if not torch.equal(order.sort().values, torch.arange(L, device=order.device)):
+    if check_values(order) and not torch.equal(order.sort().values, torch.arange(L, device=order.device)):
         raise ValueError(f"order must be a permutation of 0..{L - 1}")
     _check_pos(kept_positions, L, strictly_increasing=False)
     rank = torch.empty_like(order)

@@ -9,6 +9,8 @@ from typing import Tuple
 
 import torch
 
+from .checks import check_values
+
 
 def _check_grid(grid) -> Tuple[int, int]:
     if len(tuple(grid)) != 2 or any(int(g) < 1 for g in grid):
@@ -21,7 +23,7 @@ def _check_patch_index(patch_index: torch.Tensor, shape, n_cells: int) -> None:
         raise ValueError(f"patch_index must be a long tensor, got dtype {patch_index.dtype}")
     if tuple(int(s) for s in patch_index.shape) != tuple(int(s) for s in shape):
         raise ValueError(f"patch_index must have shape {tuple(shape)}, got {tuple(patch_index.shape)}")
-    if patch_index.numel() and (patch_index.min() < -1 or patch_index.max() >= n_cells):
+    if check_values(patch_index) and patch_index.numel() and (patch_index.min() < -1 or patch_index.max() >= n_cells):
         raise ValueError(
             f"patch_index values must be -1 (non-patch) or in [0, {n_cells - 1}], "
             f"got range [{int(patch_index.min())}, {int(patch_index.max())}]"
@@ -54,7 +56,7 @@ def scatter_to_grid(
     # out-of-place scatter of a tensor (jit tracing, used for FLOP counting, has no bool-scalar scatter_)
     present = torch.zeros(B, H * W + 1, dtype=torch.bool, device=values.device)
     present = present.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))[:, : H * W]
-    if int(present.sum()) != int((patch_index >= 0).sum()):
+    if check_values(patch_index) and int(present.sum()) != int((patch_index >= 0).sum()):
         raise ValueError("patch_index has the same grid cell twice in a row; each patch may appear once")
     return flat[:, : H * W].reshape(B, H, W), present.reshape(B, H, W)
 

@@ -22,6 +22,7 @@ def pumer_reduce(
     prune_keep: int,
     merge_r: int,
     protected: Optional[torch.Tensor] = None,
+    n_protected: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune to ``prune_keep`` unprotected tokens (+ protected), then ToMe-merge ``merge_r`` pairs.
 
@@ -32,6 +33,7 @@ def pumer_reduce(
             the survivors, never a protected token), so the output has
             prune_keep + n_protected - r_effective tokens.
         protected: (B, T) bool or None; protected tokens are neither pruned nor merged.
+        n_protected: their count per row when the caller knows it (no read-back from the device).
 
     Returns:
         x_out (B, T', D), size_out (B, T'), src_index (B, T') ascending original indices (a merged
@@ -45,12 +47,12 @@ def pumer_reduce(
     B, T, _ = (int(s) for s in x.shape)
     if size is None:
         size = torch.ones(B, T, dtype=x.dtype, device=x.device)
-    protected_count(protected, scores.shape)
-    idx = topk_indices(scores, prune_keep, protected, keep_order=True)
+    n_p = protected_count(protected, scores.shape, n_protected)
+    idx = topk_indices(scores, prune_keep, protected, keep_order=True, n_protected=n_p)
     x, size, metric = batched_gather(x, idx), size.gather(1, idx), batched_gather(metric, idx)
     prot = None if protected is None else protected.gather(1, idx)
 
-    merge, _, src_local = bipartite_soft_matching(metric, merge_r, prot)
+    merge, _, src_local = bipartite_soft_matching(metric, merge_r, prot, n_protected=n_p)
     x, size = merge_wavg(merge, x, size)
     src = idx.gather(1, src_local)
     perm = keep_order_permutation(src)

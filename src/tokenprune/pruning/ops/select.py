@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .checks import check_values
+
 
 def _check_keep(keep) -> float:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0.0 < float(keep) <= 1.0):
@@ -47,21 +49,31 @@ def keep_count_even(n_tokens: int, keep: float) -> int:
     return k if k == n_tokens and keep >= 1.0 else max(1, k - k % 2)
 
 
-def protected_count(protected: Optional[torch.Tensor], shape) -> int:
-    """Number of protected tokens per row; it must be the same for every row (rectangular batches)."""
+def protected_count(protected: Optional[torch.Tensor], shape, n_protected: Optional[int] = None) -> int:
+    """Number of protected tokens per row; it must be the same for every row (rectangular batches).
+
+    A caller that knows the count (a python int from the token state) passes `n_protected`: it is then
+    checked against the data only where value checks run (see ``checks``), so the GPU is never read back.
+    """
     if protected is None:
         return 0
     if protected.dtype != torch.bool or tuple(int(s) for s in protected.shape) != tuple(int(s) for s in shape):
         raise ValueError(f"protected must be a bool tensor of shape {tuple(shape)}, "
                          f"got {protected.dtype} {tuple(protected.shape)}")
+    if n_protected is not None and not check_values(protected):
+        return int(n_protected)
     counts = protected.sum(dim=1)
     if counts.numel() and bool((counts != counts[0]).any()):
         raise ValueError(f"every row must have the same number of protected tokens, got {counts.tolist()}")
-    return int(counts[0]) if counts.numel() else 0
+    found = int(counts[0]) if counts.numel() else 0
+    if n_protected is not None and found != n_protected:
+        raise ValueError(f"{found} protected tokens per row, but the caller expected n_protected={n_protected}")
+    return found
 
 
 def topk_indices(
-    scores: torch.Tensor, k: int, protected: Optional[torch.Tensor] = None, keep_order: bool = True
+    scores: torch.Tensor, k: int, protected: Optional[torch.Tensor] = None, keep_order: bool = True,
+    n_protected: Optional[int] = None,
 ) -> torch.Tensor:
     """Keep the k highest-scoring non-protected tokens plus every protected token.
 
@@ -69,6 +81,7 @@ def topk_indices(
         scores: (B, T).
         k: number of non-protected tokens to keep, 0 <= k <= T - n_protected.
         protected: (B, T) bool or None; the same count per row.
+        n_protected: that count when the caller knows it (no read-back on accelerators).
         keep_order: True -> ascending indices (scan order, for SSMs); False -> protected tokens first
             (ascending index), then the kept ones by descending score.
 
@@ -78,7 +91,7 @@ def topk_indices(
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, T), got shape {tuple(scores.shape)}")
     B, T = (int(s) for s in scores.shape)  # python ints also under jit tracing (FLOP counting)
-    n_p = protected_count(protected, scores.shape)
+    n_p = protected_count(protected, scores.shape, n_protected)
     if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= T - n_p):
         raise ValueError(f"k must be an int in [0, {T - n_p}] ({T} tokens, {n_p} protected), got {k!r}")
     order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
@@ -108,14 +121,17 @@ def complement_indices(idx: torch.Tensor, T: int) -> torch.Tensor:
     if idx.dim() != 2:
         raise ValueError(f"idx must be (B, K), got shape {tuple(idx.shape)}")
     B, K = (int(s) for s in idx.shape)
-    if K > T or (idx.numel() and (idx.min() < 0 or idx.max() >= T)):
+    checked = check_values(idx)
+    if K > T or (checked and idx.numel() and (idx.min() < 0 or idx.max() >= T)):
         raise ValueError(f"idx must hold at most T={T} indices in [0, {T - 1}], got {K} indices")
     # Out-of-place scatter of a tensor: jit tracing has no scatter_ with a bool scalar.
-    keep = torch.ones(B, T, dtype=torch.bool, device=idx.device).scatter(
-        1, idx, torch.zeros_like(idx, dtype=torch.bool))
-    if int(keep.sum()) != B * (T - K):
+    taken = torch.zeros(B, T, dtype=torch.int8, device=idx.device).scatter(
+        1, idx, torch.ones_like(idx, dtype=torch.int8))
+    if checked and int(taken.sum()) != B * K:
         raise ValueError("idx has repeated indices in a row; complement_indices needs unique indices")
-    return torch.arange(T, device=idx.device).expand(B, T)[keep].reshape(B, T - K)
+    # A stable sort on the taken flag lists the untaken indices first, ascending: no boolean-mask
+    # indexing, whose output size the host would have to read back.
+    return torch.sort(taken, dim=1, stable=True).indices[:, : T - K]
 
 
 def batched_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from .checks import check_values
+
 
 def _identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     return x
@@ -27,7 +29,8 @@ def _as3d(fn):
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, protected: Optional[torch.Tensor] = None
+    metric: torch.Tensor, r: int, protected: Optional[torch.Tensor] = None,
+    n_protected: Optional[int] = None, protected_a: Optional[int] = None,
 ) -> Tuple[Callable, Callable, torch.Tensor]:
     """Match tokens for merging.
 
@@ -37,6 +40,10 @@ def bipartite_soft_matching(
             (at most half the tokens per step, as ToMe); 0 when every B token is protected.
         protected: (B, T) bool or None. Protected A tokens are never merged away and protected B tokens
             never receive a merge (their similarity is -inf).
+        n_protected: protected tokens per row when the caller knows it (a python int from the token state):
+            r is then clamped without reading counts back from the device. protected_a: how many of them sit
+            in set A (e.g. from the CLS index); unknown, each set is assumed to hold up to n_protected,
+            which only clamps r more.
 
     Returns:
         merge(x, mode="mean"|"sum"|"amax"...) (B, T, C) -> (B, T - r, C) (also (B, T) -> (B, T - r)),
@@ -57,7 +64,18 @@ def bipartite_soft_matching(
                          f"got {protected.dtype} {tuple(protected.shape)}")
     pa, pb = protected[:, ::2], protected[:, 1::2]
     Ta, Tb = int(pa.shape[1]), int(pb.shape[1])
-    if B and Tb:
+    if B and Tb and n_protected is not None:
+        # counts from the caller (python ints): no read-back; an unknown A/B split is bounded from above
+        n_pa = min(n_protected, Ta) if protected_a is None else int(protected_a)
+        n_pb = min(n_protected, Tb) if protected_a is None else n_protected - int(protected_a)
+        if check_values(protected):
+            found = (int(pa.sum(1).max()), int(pb.sum(1).max()), int(protected.sum(1).max()))
+            if found[0] > n_pa or found[1] > n_pb or found[2] != n_protected:
+                raise ValueError(f"n_protected={n_protected}, protected_a={protected_a}, but the rows hold "
+                                 f"{found[2]} protected tokens, up to {found[0]} in set A and {found[1]} in set B")
+        half = (T - n_protected) // 2
+        r = 0 if Tb - n_pb <= 0 else max(0, min(r, Ta - n_pa, half))
+    elif B and Tb:
         free_a = int((~pa).sum(1).min())
         half = int(((T - protected.sum(1)) // 2).min())
         r = 0 if int((~pb).sum(1).min()) == 0 else min(r, free_a, half)

@@ -65,6 +65,7 @@ def utr_reduce(
     keep: int,
     prune_fraction: float = 0.5,
     protected: Optional[torch.Tensor] = None,
+    n_protected: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hybrid reduction to keep + n_protected tokens, order preserved.
 
@@ -74,6 +75,7 @@ def utr_reduce(
         prune_fraction: share of the removed tokens (the lowest-scoring ones) that is dropped, in [0, 1];
             0 merges all of them, 1 is plain pruning. Rounded half up.
         protected: (B, T) bool or None.
+        n_protected: their count per row when the caller knows it (no read-back from the device).
 
     Returns:
         x_out (B, keep + n_protected, D), size_out, src_index (B, keep + n_protected) ascending.
@@ -86,8 +88,8 @@ def utr_reduce(
     B, T, _ = (int(s) for s in x.shape)  # python ints also under jit tracing (FLOP counting)
     if size is None:
         size = torch.ones(B, T, dtype=x.dtype, device=x.device)
-    n_p = protected_count(protected, scores.shape)
-    kept = topk_indices(scores, keep, protected, keep_order=True)
+    n_p = protected_count(protected, scores.shape, n_protected)
+    kept = topk_indices(scores, keep, protected, keep_order=True, n_protected=n_p)
     removed = complement_indices(kept, T)
     n_rm = int(removed.shape[1])
     n_prune = n_rm if keep == 0 else min(n_rm, math.floor(round(float(prune_fraction) * n_rm, 9) + 0.5))

@@ -79,10 +79,12 @@ def visionzip_reduce(
         return x_dom, s_dom, dom
 
     step = max(1, R // contextual)
-    tgt_local = torch.arange(0, R, step, device=x.device)[:contextual]
-    is_tgt = torch.zeros(R, dtype=torch.bool, device=x.device)
-    is_tgt[tgt_local] = True
-    tgt, mrg = rest[:, tgt_local], rest[:, ~is_tgt]  # (B, c), (B, R - c)
+    local = torch.arange(R, device=x.device)
+    is_tgt = (local % step == 0) & (local < contextual * step)  # the first `contextual` of range(0, R, step)
+    # a stable sort on the flag lists targets last, each group ascending (no boolean-mask indexing)
+    by_flag = torch.sort(is_tgt.to(torch.int8), stable=True).indices
+    tgt_local, mrg_local = by_flag[R - contextual:], by_flag[: R - contextual]
+    tgt, mrg = rest[:, tgt_local], rest[:, mrg_local]  # (B, c), (B, R - c)
 
     with torch.no_grad():
         k = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
