@@ -31,13 +31,15 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ssm ]; then
   python benchmarks/bench_ssm_gpu.py --out "$OUT/ssm.md" ${SSM_ARGS:-} 2>&1 | tail -n 80
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
-  if [ -f benchmarks/bench_gpu_grid.py ]; then
-    stamp "pruning grid"
-    python benchmarks/bench_gpu_grid.py --device cuda --out "$OUT/grid.md" ${GRID_ARGS:-} 2>&1 | tail -n 60
-  fi
-  if [ -f benchmarks/bench_vlm.py ]; then
-    stamp "vlm prefill"
-    python benchmarks/bench_vlm.py --device cuda --real-shapes --out "$OUT/vlm.md" ${VLM_ARGS:-} 2>&1 | tail -n 30
-  fi
+  stamp "pruning grid (every preset at 40 %, ViM-S and DeiT-S, fp32/bf16, inference and training step)"
+  timeout 420 python benchmarks/bench_gpu_grid.py --device cuda --out "$OUT/grid.md" ${GRID_ARGS:-} 2>&1 | tail -n 60
+  stamp "grad checkpointing memory (ViM-S, PlainMamba-L2)"
+  timeout 120 python benchmarks/bench_grad_checkpointing.py vim_small_patch16_224:64 plainmamba_l2:64 2>&1 \
+    | tee "$OUT/grad_ckpt.log" | tail -n 20
+  stamp "vlm prefill (LLaVA-1.5-7B shapes, bf16; needs transformers 5.23.0 among the carried wheels)"
+  for m in visionzip cls_attn; do
+    timeout 300 python benchmarks/bench_vlm.py --device cuda --real-shapes --method $m --record "$OUT/vlm.md" 2>&1 \
+      | tail -n 20
+  done
 fi
 stamp "done"
