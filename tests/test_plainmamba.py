@@ -322,7 +322,8 @@ def test_general_path_with_every_token_equals_the_fast_path(lively, images):
         ctx = lively.scan_context(state.pos)
         ctx["scans"] = [s._replace(gaps=None) for s in ctx["scans"]]
         general = lively.layers[0](state.x, ctx)[0]
-    torch.testing.assert_close(general, fast, rtol=1e-6, atol=1e-6)
+    # the same math in another order (per-scan gathers vs the fast tables): fp32 rounding, ~1e-6 at this scale
+    torch.testing.assert_close(general, fast, rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_batch_equals_each_image_alone(lively, images):

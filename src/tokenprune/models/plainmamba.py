@@ -38,7 +38,7 @@ from ..pruning.state import TokenState, initial_state
 from ..ssm import selective_scan
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
-from .timm_contract import run_layer, tokens_to_map
+from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 from .vim import DirectionScope
 
 ScanContext = Dict[str, object]
@@ -257,7 +257,7 @@ class PlainMambaLayer(nn.Module):
         return act(y)
 
 
-class PlainMamba(TokenBackbone):
+class PlainMamba(TimmHeadMixin, TokenBackbone):
     """PlainMamba classifier: conv stem + pos-embed, plain Mamba layers, final LN, mean pooling, Linear.
 
     timm contract: forward_features gives the final-normed map (B, H, W, C) (output_fmt "NHWC": no CLS, so
@@ -272,6 +272,7 @@ class PlainMamba(TokenBackbone):
     num_protected = 0
     output_fmt = "NHWC"
     POOLS = ("avg", "")
+    FINAL_NORM = "ln1"
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, num_convs_patch_embed: int = 1,
@@ -342,22 +343,6 @@ class PlainMamba(TokenBackbone):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^ln1", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in backward instead of storing its activations (also on the pruning path)."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in self.POOLS:
-                raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _layer(self, i: int, *args):
         return run_layer(self.layers[i], self.grad_checkpointing, *args)
@@ -395,18 +380,6 @@ class PlainMamba(TokenBackbone):
             return intermediates
         return tokens_to_map(self.ln1(x), self.grid, "NHWC"), intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        """Drop the blocks after the last index (and the final norm / head when asked); returns the indices."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.depth = len(self.layers)
-        self.feature_info = self.feature_info[:max_index + 1]
-        if prune_norm:
-            self.ln1 = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     # -- token interface ----------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> TokenState:

@@ -12,10 +12,12 @@ as it does for its own models.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import check_fits
@@ -145,3 +147,42 @@ def model_data_config(model) -> dict:
     if model is None or getattr(model, "pretrained_cfg", None) is None:
         return {}
     return resolve_model_data_config(model)
+
+
+class TimmHeadMixin:
+    """The parts of timm's model contract that ViM and PlainMamba share: classifier access and reset, gradient
+    checkpointing switch, pruning of intermediate layers. The class names its final norm in FINAL_NORM and its
+    pooling choices in POOLS; blocks live in ``self.layers``."""
+
+    FINAL_NORM = "norm"
+    POOLS: Tuple[str, ...] = ()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (also on the pruning path)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in self.POOLS:
+                raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the blocks after the last index (and the final norm / head when asked); returns the indices."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.depth = len(self.layers)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            setattr(self, self.FINAL_NORM, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take

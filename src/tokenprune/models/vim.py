@@ -19,7 +19,7 @@ from ..pruning.state import TokenState, initial_state
 from ..ssm import get_scan_impl, selective_scan
 from ..ssm.scan import disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
-from .timm_contract import run_layer, tokens_to_map
+from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 
 
 class RMSNorm(nn.Module):
@@ -177,7 +177,7 @@ class VimBlock(nn.Module):
         return out, residual, importances
 
 
-class VisionMamba(TokenBackbone):
+class VisionMamba(TimmHeadMixin, TokenBackbone):
     """ViM with the token interface and timm's model contract.
 
     forward_features gives the final-normed token sequence (B, N + 1, D) with the CLS at `cls_position`
@@ -192,6 +192,7 @@ class VisionMamba(TokenBackbone):
     has_cls = True
     num_protected = 1
     POOLS = ("token", "avg", "")
+    FINAL_NORM = "norm_f"
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -251,22 +252,6 @@ class VisionMamba(TokenBackbone):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
                                                                        (r"^norm_f", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in backward instead of storing its activations (also on the pruning path)."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in self.POOLS:
-                raise ValueError(f"global_pool must be one of {self.POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _layer(self, i: int, *args, **kwargs):
         return run_layer(self.layers[i], self.grad_checkpointing, *args, **kwargs)
@@ -324,18 +309,6 @@ class VisionMamba(TokenBackbone):
             return intermediates
         return self._final_norm(h, residual), intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        """Drop the blocks after the last index (and the final norm / head when asked); returns the indices."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.depth = len(self.layers)
-        self.feature_info = self.feature_info[:max_index + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     # -- token interface ----------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> TokenState:

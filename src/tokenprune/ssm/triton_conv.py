@@ -10,8 +10,6 @@ recomputes the pre-activation at the K shifted positions it needs (no stored act
 weight/bias gradients as per-program partials that torch sums (deterministic).
 x is read through its strides (unit stride along L), so (b, E, L) and (E, b, L) layouts need no copies.
 """
-import torch
-
 
 
 def kernels():

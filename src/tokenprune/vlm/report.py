@@ -82,7 +82,7 @@ def write(out_dir: str, rows: List[dict], env: str, settings: str, picture: Opti
 
 
 def parser():
-    """jsonargparse, as eval.py: every option also from a YAML file (--config configs/eval/vlm_llava15.yaml)."""
+    """jsonargparse, as eval.py: every option also from a YAML file (--config configs/vlm/llava15.yaml)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     ap = ArgumentParser(prog="python -m tokenprune.vlm.report", description=__doc__)
