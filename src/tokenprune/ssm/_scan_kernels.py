@@ -28,6 +28,21 @@ def _tile_positions(c, L, T: tl.constexpr, REV: tl.constexpr):
     return w < L, p
 
 @triton.jit
+def _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n, dts, dtu, H, n_idx,
+                  N: tl.constexpr, A_IS_LOG: tl.constexpr):
+    # state n over the chunk, started from column n of the carried states H: (A_n, B_n, C_n, input term, h)
+    a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        a_n = -tl.exp(a_n)
+    b_n = tl.load(Bm + pid_b * sb_b + n * sb_n + p, mask=mt, other=0.0).to(tl.float32)
+    c_n = tl.load(C + pid_b * sc_b + n * sc_n + p, mask=mt, other=0.0).to(tl.float32)
+    drive = dtu * b_n[None, :]
+    ca, cx = tl.associative_scan((tl.exp(dts * a_n[:, None]), drive), 1, _combine)
+    h0 = tl.sum(tl.where(n_idx[None, :] == n, H, 0.0), axis=1)
+    return a_n, b_n, c_n, drive, cx + ca * h0[:, None]
+
+
+@triton.jit
 def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b, sb_n,
                    C, sc_b, sc_n, D, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, E,
                    N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
@@ -62,16 +77,8 @@ def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bi
                      mask=me[:, None] & (n_idx[None, :] < N))
         acc = tl.zeros((BE, T), dtype=tl.float32)
         for n in tl.static_range(N):
-            a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
-            if A_IS_LOG:
-                a_n = -tl.exp(a_n)
-            b_n = tl.load(Bm + pid_b * sb_b + n * sb_n + p, mask=mt, other=0.0).to(tl.float32)
-            c_n = tl.load(C + pid_b * sc_b + n * sc_n + p, mask=mt, other=0.0).to(tl.float32)
-            decay = tl.exp(dts * a_n[:, None])
-            drive = dtu * b_n[None, :]
-            ca, cx = tl.associative_scan((decay, drive), 1, _combine)
-            h0 = tl.sum(tl.where(n_idx[None, :] == n, H, 0.0), axis=1)
-            h = cx + ca * h0[:, None]
+            a_n, b_n, c_n, drive, h = _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n,
+                                                    dts, dtu, H, n_idx, N, A_IS_LOG)
             acc += h * c_n[None, :]
             h_last = tl.sum(tl.where(col[None, :] == T - 1, h, 0.0), axis=1)
             H = tl.where(n_idx[None, :] == n, h_last[:, None], H)
@@ -179,16 +186,8 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
         g_du = tl.zeros((BE, T), dtype=tl.float32)
         part = ((pid_b * NEB + pid_e) * N) * L
         for n in tl.static_range(N):
-            a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
-            if A_IS_LOG:
-                a_n = -tl.exp(a_n)
-            b_n = tl.load(Bm + pid_b * sb_b + n * sb_n + p, mask=mt, other=0.0).to(tl.float32)
-            c_n = tl.load(C + pid_b * sc_b + n * sc_n + p, mask=mt, other=0.0).to(tl.float32)
-            decay = tl.exp(dts * a_n[:, None])
-            drive = dtu * b_n[None, :]
-            ca, cx = tl.associative_scan((decay, drive), 1, _combine)
-            h0 = tl.sum(tl.where(n_idx[None, :] == n, Hc, 0.0), axis=1)
-            h = cx + ca * h0[:, None]
+            a_n, b_n, c_n, drive, h = _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n,
+                                                    dts, dtu, Hc, n_idx, N, A_IS_LOG)
             y_acc += h * c_n[None, :]
             # reverse recurrence: dh_t = C_t g_t + a_{t+1} dh_{t+1}, a_{t+1} = 0 past the sequence end
             a_next = tl.where(m2n, tl.exp(dtsn * a_n[:, None]), 0.0)
