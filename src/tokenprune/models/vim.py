@@ -17,7 +17,8 @@ from torch import nn
 from ..pruning import ops
 from ..pruning.state import TokenState, initial_state
 from ..ssm import get_scan_impl, selective_scan
-from ..ssm.scan import disable_triton, triton_build_errors
+from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
+from ..ssm.scan import _record, disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 
@@ -135,8 +136,6 @@ class BiMambaMixer(nn.Module):
         is one plain 2-D matmul (no transposed copies), the conv runs causal and anti-causal in one launch,
         and the scan walks direction 1 backwards by index (no flips), adding it before the shared gate.
         Under autocast the activations stay bf16/fp16 end to end; A, D, biases and the states stay fp32."""
-        from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
-        from ..ssm.scan import _record
         if not torch.compiler.is_compiling():
             _record("triton")  # scan_impl_report() tells which scan ran
         b, L, dim = h.shape
