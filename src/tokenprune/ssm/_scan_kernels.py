@@ -111,6 +111,9 @@ def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
                    N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, SAVE,
                    False, NDIR == 1, scale)
     if NDIR == 2:
+        # direction 1 reads back what direction 0 stored, in another tile order (other threads): make the
+        # stores of every warp of this program visible first
+        tl.debug_barrier()
         _fwd_direction(pid_b, e, me, L, NCHUNK, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1, bias1,
                        Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
                        hchk + nb * E * NCHUNK * N, y, sy_b, sy_e, z, sz_b, sz_e, E,
@@ -246,6 +249,7 @@ def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
                    du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, scale,
                    N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, False)
     if NDIR == 2:
+        tl.debug_barrier()  # direction 1 adds to dz that direction 0 stored, in another tile order
         sz_grad = nb * E * L
         _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1,
                        bias1, Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
