@@ -130,7 +130,6 @@ class BiMambaMixer(nn.Module):
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         return out, importances
 
-
     def _forward_fused(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Both directions through the fused Triton ops, in the channel-major (E, b·L) layout: every projection
         is one plain 2-D matmul (no transposed copies), the conv runs causal and anti-causal in one launch,
@@ -151,7 +150,7 @@ class BiMambaMixer(nn.Module):
             return t.view(2, rows, b, L).transpose(1, 2)
         gap = None
         if gaps is not None:  # decay scale 1 + g per token, token order for both directions
-            gap = torch.stack([ops.gap_scale(g) for g in gaps]).to(h.device)
+            gap = torch.stack([ops.gap_scale(g) for g in gaps])
         y = fused_selective_scan(u, bel(dt, E), self.A_log, bel(dbl[:, R:R + N], N), bel(dbl[:, R + N:], N),
                                  self.D, z, self.dt_proj.bias, A1=self.A_b_log, D1=self.D_b,
                                  bias1=self.dt_proj_b.bias, gap=gap, softplus=True, a_is_log=True)
@@ -250,7 +249,6 @@ class VisionMamba(TimmHeadMixin, TokenBackbone):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
                                                                        (r"^norm_f", (99999,))])
-
 
     def _layer(self, i: int, *args, **kwargs):
         return run_layer(self.layers[i], self.grad_checkpointing, *args, **kwargs)

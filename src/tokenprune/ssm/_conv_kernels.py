@@ -7,19 +7,24 @@ import triton
 import triton.language as tl
 
 @triton.jit
+def _tap(x, sx_b, sx_e, pid_b, e, me, q, L, k, K: tl.constexpr, ANTI: tl.constexpr):
+    # x at the positions tap k of the conv reads for outputs q: q -/+ (K-1-k), zero outside [0, L)
+    if ANTI:
+        src = q + (K - 1 - k)
+    else:
+        src = q - (K - 1 - k)
+    m = me[:, None] & ((src >= 0) & (src < L))[None, :]
+    return tl.load(x + pid_b * sx_b + e[:, None] * sx_e + src[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pre(x, sx_b, sx_e, pid_b, e, me, q, L, w, bias, K: tl.constexpr, ANTI: tl.constexpr,
          BE: tl.constexpr, T: tl.constexpr):
     # pre-activation at positions q (T,) for channels e (BE,)
     acc = tl.zeros((BE, T), dtype=tl.float32)
     for k in tl.static_range(K):
-        if ANTI:
-            src = q + (K - 1 - k)
-        else:
-            src = q - (K - 1 - k)
-        m = me[:, None] & ((src >= 0) & (src < L))[None, :]
-        xv = tl.load(x + pid_b * sx_b + e[:, None] * sx_e + src[None, :], mask=m, other=0.0).to(tl.float32)
         wk = tl.load(w + e * K + k, mask=me, other=0.0).to(tl.float32)
-        acc += wk[:, None] * xv
+        acc += wk[:, None] * _tap(x, sx_b, sx_e, pid_b, e, me, q, L, k, K, ANTI)
     return acc + tl.load(bias + e, mask=me, other=0.0).to(tl.float32)[:, None]
 
 @triton.jit
@@ -62,12 +67,7 @@ def _bwd_direction(x, sx_b, sx_e, g, sg_b, sg_e, pid_b, e, me, p, L, w, bias, dw
     gp = tl.load(g + pid_b * sg_b + e[:, None] * sg_e + p[None, :], mask=mp, other=0.0).to(tl.float32)
     dpre = tl.where(mp, gp * sg * (1.0 + pre * (1.0 - sg)), 0.0)
     for k in tl.static_range(K):
-        if ANTI:
-            src = p + (K - 1 - k)
-        else:
-            src = p - (K - 1 - k)
-        m = me[:, None] & ((src >= 0) & (src < L))[None, :]
-        xv = tl.load(x + pid_b * sx_b + e[:, None] * sx_e + src[None, :], mask=m, other=0.0).to(tl.float32)
+        xv = _tap(x, sx_b, sx_e, pid_b, e, me, p, L, k, K, ANTI)
         tl.store(dwp + e * K + k, tl.sum(dpre * xv, axis=1), mask=me)
     tl.store(dbp + e, tl.sum(dpre, axis=1), mask=me)
     return dx

@@ -152,10 +152,6 @@ def numba_available():
 
 # ---- the autograd Function ------------------------------------------------
 
-def _gpu_fn(impl):
-    return _mamba_fn()
-
-
 def _graph_forward(ctx, fn, args, softplus):
     # mamba-ssm's public selective_scan_fn (and our Triton composite) is itself
     # differentiable; build its graph on detached leaves here and differentiate it
@@ -213,7 +209,7 @@ class SelectiveScan(torch.autograd.Function):
         args = (u, delta, A, B, C, D, z, delta_bias)
         with _quiet_trace(untraced):
             if impl == "cuda":
-                return _graph_forward(ctx, _gpu_fn(impl), args, ctx.softplus)
+                return _graph_forward(ctx, _mamba_fn(), args, ctx.softplus)
             from .cpu_kernel import cpu_scan_forward
             ctx.save_for_backward(*args)
             out = cpu_scan_forward(*args, delta_softplus=ctx.softplus)
