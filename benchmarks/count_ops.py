@@ -4,7 +4,7 @@
     python benchmarks/count_ops.py --tiny --no-write     # smoke run on the test-sized backbones
     python benchmarks/count_ops.py --device meta         # no compute, same counts (capturable forwards only)
 
-A device-free proxy for kernel launches (DESIGN.md §6): a TorchDispatchMode counts the aten ops one forward
+A device-free proxy for kernel launches (docs/CONVENTIONS.md): a TorchDispatchMode counts the aten ops one forward
 dispatches ("ops"), and those that launch a kernel on a GPU ("kernels": views and metadata ops left out).
 Value checks of the pruning ops are off (TOKENPRUNE_VALUE_CHECKS=never), as on a GPU. The training step is
 counted after one warm-up step (AdamW's state exists), with foreach AdamW as CUDA runs it. Presets run at the
@@ -31,7 +31,7 @@ try:
 except ImportError:  # an older checkout (the "before" numbers): the same counter, local copy
     from _dispatch_copy import OpCounter  # type: ignore
 try:
-    from tokenprune.pruning.ops import value_checks
+    from tokenprune.tokens import value_checks
 except ImportError:
     def value_checks(mode):
         return contextlib.nullcontext()

@@ -7,6 +7,7 @@ import timm
 import torch
 
 import tokenprune
+from tolerances import fp32_tol
 
 TINY = "deit_test_patch4_32"
 
@@ -34,7 +35,8 @@ def test_forward_is_one_graph_with_eager_logits(base, method, keep):
         model.set_compile("compile", backend="aot_eager", fullgraph=True)
         compiled = model(x)
     assert model.compile_mode == "compile" and model.token_trace is None
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    # the traced graph may order or decompose ops differently: fp32 rounding, 4 blocks x 65 tokens
+    torch.testing.assert_close(compiled, eager, **fp32_tol(eager, terms=4 * 65))
 
 
 @pytest.mark.slow
@@ -47,7 +49,8 @@ def test_inductor_on_cpu_matches_eager(base):
     with torch.no_grad():
         compiled = model(x)
         eager = model._forward(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    # inductor's C++ kernels fuse and vectorise (their own reduction order): fp32 rounding, 4 blocks x 65 tokens
+    torch.testing.assert_close(compiled, eager, **fp32_tol(eager, terms=4 * 65))
 
 
 def test_cudagraph_mode_runs_eager_on_cpu_and_survives_copies(base):

@@ -337,3 +337,11 @@ def test_kept_patches_figure_is_redrawn_only_when_it_changes(files, tmp_path, mo
     cfg.backbones = [BackboneEntry("deit_test_patch4_32", ck["deit_test_patch4_32"], name="D", visualize=False)]
     result = run_grid(cfg)
     assert "kept_patches.png" not in result["plots"] and not os.path.isfile(tmp_path / "kept_patches.png")
+
+
+def test_label_names_a_substituted_scorer():
+    from tokenprune.evaluate.labels import scorer_label
+    model = tokenprune.create_model("plainmamba_test_32", "pumer", keep=0.7)
+    assert scorer_label("PuMer", model) == "PuMer (L2 scorer)"
+    assert scorer_label("PuMer (prune_fraction=0.5)", model) == "PuMer (prune_fraction=0.5, L2 scorer)"
+    assert scorer_label("PuMer", tokenprune.create_model("vim_test_patch4_32", "pumer", keep=0.7)) == "PuMer"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenprune.lit import PruningClassifier
-from tokenprune.lit.cli import ResumableShardDataModule
+from tokenprune.data.resume import ResumableShardDataModule
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))  # helpers
 from lit_helpers import make_shards, run_train, write_config  # noqa: E402  (tests/scripts)

@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tokenprune.lit import FlopsCallback, PruningClassifier, ThroughputCallback, WarmupCosine
-from tokenprune.lit.cli import ResumableShardDataModule, ResumableTrainLoader
+from tokenprune.data.resume import ResumableShardDataModule, ResumableTrainLoader
 from tokenprune.models.checkpoint import CheckpointMismatchError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))  # helpers

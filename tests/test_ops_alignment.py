@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tokenprune.pruning.ops import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order,
+from tokenprune.tokens import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order,
                                     scan_gaps, scatter_to_sequence)
 
 

@@ -12,8 +12,9 @@ from tokenprune.models import CheckpointMismatchError
 from tokenprune.models.plainmamba import PlainMamba, checkpoint_filter_fn
 from tokenprune.models.plainmamba_scan import restricted_scans, scan_tables
 from tokenprune.pruning import BEFORE_ENCODER, METHODS, count_tokens, resolve_schedule
-from tokenprune.pruning.state import initial_state
+from tokenprune.tokens.state import initial_state
 from tokenprune.ssm import scan_impl, selective_scan_reference
+from tolerances import fp32_tol
 
 TEST = "plainmamba_test_32"
 # exact parameter counts (with the 1000-class head) and without the head (what the official README reports)
@@ -310,7 +311,8 @@ def test_pruned_mixer_scans_the_restricted_orders(gaps):
     with torch.no_grad(), scan_impl("reference"):
         out, importances = mx(x, ctx, want={"ssm_out"})
         expected = manual_mixer(mx, x, KEPT, (4, 4), gaps=gaps)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the loop against the batched scans: fp32 rounding over 4 orders of len(KEPT) steps
+    torch.testing.assert_close(out, expected, **fp32_tol(expected, terms=4 * len(KEPT)))
     assert set(importances) == {"ssm_out"}
     assert importances["ssm_out"].shape == (2, 6) and bool((importances["ssm_out"] >= 0).all())
 
@@ -322,8 +324,9 @@ def test_general_path_with_every_token_equals_the_fast_path(lively, images):
         ctx = lively.scan_context(state.pos)
         ctx["scans"] = [s._replace(gaps=None) for s in ctx["scans"]]
         general = lively.layers[0](state.x, ctx)[0]
-    # the same math in another order (per-scan gathers vs the fast tables): fp32 rounding, ~1e-6 at this scale
-    torch.testing.assert_close(general, fast, rtol=1e-5, atol=1e-5)
+    # the same math in another order (per-scan gathers vs the fast tables): fp32 rounding at the tensor's scale
+    # (entries up to ~29: ~1e-6 absolute, also at entries of size 1e-3), a 64-step scan per order
+    torch.testing.assert_close(general, fast, **fp32_tol(fast, terms=64))
 
 
 def test_pruned_batch_equals_each_image_alone(lively, images):
@@ -333,7 +336,8 @@ def test_pruned_batch_equals_each_image_alone(lively, images):
         kept = [t.pos for t in model.token_trace]
         alone = torch.cat([model(images[i:i + 1]) for i in range(2)])
     assert not torch.equal(kept[0][0], kept[0][1])  # different kept sets per image
-    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)
+    # batched (other shapes, other kernel blocking) vs one image: fp32 rounding through 4 blocks of <= 64-step scans
+    torch.testing.assert_close(both, alone, **fp32_tol(alone, terms=4 * 64))
 
 
 def test_alignment_variants(lively, images):

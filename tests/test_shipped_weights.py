@@ -16,6 +16,7 @@ from tokenprune.data import ShardDataModule
 from tokenprune.lit import PruningClassifier
 from tokenprune.lit.export import export_backbone, unwrap_backbone
 from tokenprune.models.checkpoint import CheckpointMismatchError
+from tolerances import fp32_tol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "weights", "digits")
@@ -64,12 +65,14 @@ def assert_same_network(a, b, x):
     """Two builds of one network: every tensor of the state dict bit for bit, so the same outputs. The
     outputs are compared to float rounding only: on some CPUs (seen on an AVX2 AMD EPYC) MKL's batched
     matmul rounds differently for equal weights at other addresses (3e-8 here), so separate instances are
-    not bitwise reproducible there."""
+    not bitwise reproducible there. The tolerance is fp32 rounding at the outputs' scale through the deepest of
+    these networks (4 blocks or stages, reductions of <= 256: 65 tokens in ViM/DeiT, 256 channels in the ConvNet)."""
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=1e-6, atol=1e-6)
+        want = b(x)
+        torch.testing.assert_close(a(x), want, **fp32_tol(want, terms=1024))
 
 
 def test_export_refuses_other_files(tmp_path):

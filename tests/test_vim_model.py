@@ -8,6 +8,7 @@ import torch
 import tokenprune  # noqa: F401  (registers the models)
 from tokenprune.models import CheckpointMismatchError
 from tokenprune.ssm import selective_scan_reference
+from tolerances import fp32_tol
 
 COUNTS = {"vim_tiny_patch16_224": 7_148_008, "vim_small_patch16_224": 25_796_584,
           "vim_base_patch16_224": 97_598_440}
@@ -136,7 +137,9 @@ def test_mixer_matches_the_official_v2_formula(tiny):
     h = torch.randn(2, 65, 32)
     with torch.no_grad():
         out, _ = mixer(h)
-        torch.testing.assert_close(out, _reference_mixer(mixer, h), rtol=1e-5, atol=1e-5)
+        # the model's matmul layout and CPU scan kernel vs the formula with the reference scan: fp32 rounding
+        # over 65-step scans and 64-channel projections
+        torch.testing.assert_close(out, _reference_mixer(mixer, h), **fp32_tol(out, terms=65))
 
 
 def test_ssm_importances_are_the_clipped_channel_sums_of_both_directions(tiny):
@@ -150,12 +153,13 @@ def test_ssm_importances_are_the_clipped_channel_sums_of_both_directions(tiny):
         out, imp = mixer(h, want={"ssm_out", "ssm_out_ungated"})
         _reference_mixer(mixer, h, ref)
     assert none == {} and set(imp) == {"ssm_out", "ssm_out_ungated"}
-    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    # asking for the ungated signal moves the silu(z) gate out of the scan kernel: fp32 rounding only
+    torch.testing.assert_close(out, plain, **fp32_tol(plain, terms=65))
     for key, name in (("gated", "ssm_out"), ("ungated", "ssm_out_ungated")):
         y_f, y_b = ref[key]
         expected = y_f.clamp(min=0).sum(1) + y_b.clamp(min=0).sum(1)
         assert imp[name].shape == (2, 65)
-        torch.testing.assert_close(imp[name], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(imp[name], expected, **fp32_tol(expected, terms=65))
     assert not torch.allclose(imp["ssm_out"], imp["ssm_out_ungated"])
 
 

@@ -6,6 +6,7 @@ import torch
 import tokenprune
 from tokenprune.models import TimmViT
 from tokenprune.models.vit import attention_with_signals
+from tolerances import fp32_tol
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -39,7 +40,7 @@ def test_explicit_attention_matches_fused():
     with torch.no_grad():
         ref = blk.attn(blk.norm1(x))
         out, sig = attention_with_signals(blk.attn, blk.norm1(x), {"cls_attn", "keys", "attn_received"}, 0, None)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **fp32_tol(ref, terms=65))  # explicit softmax(QK^T)V vs SDPA, 65 keys
     assert sig["cls_attn"].shape == (2, 65)
     torch.testing.assert_close(sig["cls_attn"].sum(-1), torch.ones(2))
     assert sig["keys"].shape == (2, 65, 16)

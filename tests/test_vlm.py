@@ -14,6 +14,7 @@ from tokenprune.vlm import attach, load  # noqa: E402
 from tokenprune.vlm.configs import SMALL_IMAGE_TOKEN as IMG, llava15_config, llava_next_config  # noqa: E402
 from tokenprune.vlm.cost import kv_cache_bytes, prefill_flops, vision_flops  # noqa: E402
 from tokenprune.vlm.placeholders import fit_placeholders  # noqa: E402
+from tolerances import fp32_tol  # noqa: E402
 
 METHODS = ("visionzip", "cls_attn", "l2", "random", "tome")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add contention
@@ -123,7 +124,8 @@ def test_visionzip_features_match_the_algorithm_on_eager_attention(llava):
         x, _, _ = ops.visionzip_reduce(hidden, attn[:, :, 0].sum(1), keys, dominant=54, contextual=10)
         ref = llava.model.multi_modal_projector(x)
         ours = torch.stack(attach(llava, "visionzip", 64).encode_images(pv))
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # SDPA vs eager attention in the tower: fp32 rounding over 577 keys in the 2 layers before the feature layer
+    torch.testing.assert_close(ours, ref, **fp32_tol(ref, terms=2 * 577))
 
 
 def test_visionzip_budgets_split_as_the_paper(llava):

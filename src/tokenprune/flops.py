@@ -16,6 +16,8 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+from .ssm.scan import scan_flops  # the formula (9·L·E·N + L·E with D), defined once beside the scan
+
 # Free by convention: elementwise math, reductions over tokens, shape, indexing and sorting ops.
 FREE_OPS = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "exp", "log", "log_", "pow", "sqrt",
@@ -41,7 +43,7 @@ def scan_flop_handle(inputs, outputs):
     b, e, length = u
     n = A[1]
     has_d = any(s is not None and len(s) == 1 for s in shapes[5:])
-    return b * (9 * length * e * n + (length * e if has_d else 0))
+    return b * scan_flops(length, e, n, with_D=has_d)
 
 
 def sdpa_flop_handle(inputs, outputs):

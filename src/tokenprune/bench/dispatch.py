@@ -14,8 +14,8 @@ from collections import Counter
 from typing import List
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from ..compat import TorchDispatchMode, tree_leaves
 
 # ops that launch no kernel on a GPU (views, metadata, aliasing)
 NO_KERNEL = {"view", "_unsafe_view", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "slice",

@@ -1,4 +1,4 @@
-"""Throughput measurement by the project's convention (DESIGN.md §5).
+"""Throughput measurement by the project's convention (stated below and in docs/CONVENTIONS.md, "Speed").
 
 * eval mode, ``torch.inference_mode``, one synthetic input batch (fixed seed) at a fixed batch size;
 * at least 10 warm-up and 30 timed iterations (fewer is allowed for smoke tests, but the result then says
@@ -31,7 +31,7 @@ import resource
 import sys
 import time
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -65,27 +65,59 @@ def _rss_peak_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> dict:
-    """Where and how a measurement ran (device name, dtype, batch, threads, versions)."""
+def _version(module: str) -> Optional[str]:
     try:
-        import timm
-        timm_version = timm.__version__
+        return __import__(module).__version__
     except Exception:  # noqa: BLE001
-        timm_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
+        return None
+
+
+def _processor() -> str:
+    """The processor as ``platform`` names it, else the architecture (``platform.processor()`` is often empty)."""
+    return platform.processor() or platform.machine()
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else :func:`_processor`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return _processor()
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """The machine a measurement ran on: CPU model, cores, torch threads, platform, python, torch / timm /
+    tokenprune versions, the device and, on CUDA, the GPU name and CUDA version. The one source of machine facts
+    for throughput results (:func:`environment`), the evaluation report and the VLM benchmark."""
+    import tokenprune
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    return {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": _version("timm"), "tokenprune": tokenprune.__version__, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "cuda": torch.version.cuda if cuda else None}
+
+
+def environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> dict:
+    """Where and how a measurement ran (device name, dtype, batch, threads, versions): the throughput view of
+    :func:`machine_info`; ``device_name`` is the GPU's name, or on CPU the processor as ``platform`` names it."""
+    info = machine_info(device)
     return {
-        "device": str(device),
-        "device_name": name,
+        "device": info["device"],
+        "device_name": info["gpu"] if info["gpu"] is not None else _processor(),
         "dtype": str(dtype).replace("torch.", ""),
         "batch": int(batch_size),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "timm": timm_version,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": info["torch_threads"],
+        "cpu_count": info["cpu_cores"],
+        "torch": info["torch"],
+        "timm": info["timm"],
+        "cuda": info["cuda"],
     }
 
 
@@ -128,6 +160,93 @@ def _check_counts(warmup: int, iters: int, batch_size: int) -> bool:
     return ok
 
 
+def _reference_name(models: Mapping[str, nn.Module], reference: Optional[str]) -> str:
+    """The model the speed-ups are relative to: ``reference``, by default the first model."""
+    if not models:
+        raise ValueError("compare_throughput needs at least one model")
+    names = list(models)
+    reference = names[0] if reference is None else reference
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {names}")
+    return reference
+
+
+def _to_eval_mode(models: Mapping[str, nn.Module], device) -> Dict[str, bool]:
+    """Put every model in eval mode (and on ``device`` when one is given); returns their training flags."""
+    was_training = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        if device is not None:
+            m.to(device)
+        m.eval()
+    return was_training
+
+
+def _progress_bar(verbose: bool, total: int):
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="throughput", unit="it", leave=False)
+
+
+def _warm_up(models: Mapping[str, nn.Module], names: List[str], x: torch.Tensor, warmup: int, dev: torch.device,
+             peak: Dict[str, float], bar) -> None:
+    """``warmup`` untimed forwards of every model; on CPU also the memory estimate (growth of the RSS peak)."""
+    cuda = dev.type == "cuda"
+    for n in names:
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        rss0 = _rss_peak_mb()
+        for _ in range(warmup):
+            models[n](x)
+            if bar is not None:
+                bar.update(1)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        else:
+            peak[n] = max(0.0, _rss_peak_mb() - rss0)
+
+
+def _timed_rounds(models: Mapping[str, nn.Module], names: List[str], x: torch.Tensor, chunks: List[int],
+                  dev: torch.device, times: Dict[str, List[float]], done: Dict[str, int], peak: Dict[str, float],
+                  bar) -> None:
+    """The timed forwards: round r runs ``chunks[r]`` iterations of every model, in alternating order
+    (A B C, C B A, ...); per model the time of each round, the iterations done and, on GPU, the peak memory."""
+    cuda = dev.type == "cuda"
+    clock = _Clock(dev)
+    for r, k in enumerate(chunks):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            clock.start()
+            for _ in range(k):
+                models[n](x)
+            times[n].append(clock.stop())
+            done[n] += k
+            if cuda:
+                peak[n] = max(peak[n], torch.cuda.max_memory_allocated(dev) / 2**20)
+            if bar is not None:
+                bar.update(k)
+
+
+def _model_result(model: nn.Module, seconds: float, iters: int, batch_size: int, peak_mb: float, warmup: int,
+                  convention_ok: bool, cuda: bool, env: dict) -> dict:
+    """The result of one model (see :func:`measure_throughput`)."""
+    return {
+        "images_per_s": iters * batch_size / seconds,
+        "ms_per_batch": 1000.0 * seconds / iters,
+        "peak_mem_mb": peak_mb,
+        "peak_mem_method": "cuda.max_memory_allocated" if cuda else "ru_maxrss_delta",
+        "rss_peak_mb": None if cuda else _rss_peak_mb(),
+        "iters": iters,
+        "warmup": warmup,
+        "convention_ok": convention_ok,
+        "compile": getattr(model, "compile_mode", "none"),  # eager, torch.compile or CUDA-graph replay
+        **env,
+    }
+
+
 def compare_throughput(models: Mapping[str, nn.Module], input_size: Sequence[int] = (3, 224, 224),
                        batch_size: int = 64, warmup: int = 10, iters: int = 30, device=None,
                        dtype: Union[str, torch.dtype] = torch.float32, reference: Optional[str] = None,
@@ -143,83 +262,33 @@ def compare_throughput(models: Mapping[str, nn.Module], input_size: Sequence[int
     Models are put in eval mode (and moved to ``device`` when one is given; default: the first model's
     device) and their training flag is restored afterwards.
     """
-    if not models:
-        raise ValueError("compare_throughput needs at least one model")
+    reference = _reference_name(models, reference)
     names = list(models)
-    reference = names[0] if reference is None else reference
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not one of the models {names}")
     convention_ok = _check_counts(warmup, iters, batch_size)
     dt = as_dtype(dtype)
     dev = torch.device(device) if device is not None else _model_device(models[names[0]])
     cuda = dev.type == "cuda"
     env = environment(dev, dt, batch_size)
-    was_training = {n: m.training for n, m in models.items()}
-    for m in models.values():
-        if device is not None:
-            m.to(dev)
-        m.eval()
+    was_training = _to_eval_mode(models, dev if device is not None else None)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *input_size, generator=gen).to(dev)
     amp = (torch.autocast(dev.type, dtype=dt) if dt != torch.float32 else contextlib.nullcontext())
-    clock = _Clock(dev)
     chunks = _split(iters, rounds)
     times: Dict[str, List[float]] = {n: [] for n in names}
     peak: Dict[str, float] = {n: 0.0 for n in names}
     done: Dict[str, int] = {n: 0 for n in names}
-    bar = None
-    if verbose:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(names) * (warmup + iters), desc="throughput", unit="it", leave=False)
+    bar = _progress_bar(verbose, len(names) * (warmup + iters))
     try:
         with torch.inference_mode(), amp:
-            for n in names:  # warm-up; on CPU also the memory estimate
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                rss0 = _rss_peak_mb()
-                for _ in range(warmup):
-                    models[n](x)
-                    if bar is not None:
-                        bar.update(1)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                else:
-                    peak[n] = max(0.0, _rss_peak_mb() - rss0)
-            for r, k in enumerate(chunks):
-                order = names if r % 2 == 0 else names[::-1]
-                for n in order:
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    clock.start()
-                    for _ in range(k):
-                        models[n](x)
-                    times[n].append(clock.stop())
-                    done[n] += k
-                    if cuda:
-                        peak[n] = max(peak[n], torch.cuda.max_memory_allocated(dev) / 2**20)
-                    if bar is not None:
-                        bar.update(k)
+            _warm_up(models, names, x, warmup, dev, peak, bar)
+            _timed_rounds(models, names, x, chunks, dev, times, done, peak, bar)
     finally:
         if bar is not None:
             bar.close()
         for n, m in models.items():
             m.train(was_training[n])
-    results = {}
-    for n in names:
-        total = sum(times[n])
-        results[n] = {
-            "images_per_s": done[n] * batch_size / total,
-            "ms_per_batch": 1000.0 * total / done[n],
-            "peak_mem_mb": peak[n],
-            "peak_mem_method": "cuda.max_memory_allocated" if cuda else "ru_maxrss_delta",
-            "rss_peak_mb": None if cuda else _rss_peak_mb(),
-            "iters": done[n],
-            "warmup": warmup,
-            "convention_ok": convention_ok,
-            "compile": getattr(models[n], "compile_mode", "none"),  # eager, torch.compile or CUDA-graph replay
-            **env,
-        }
+    results = {n: _model_result(models[n], sum(times[n]), done[n], batch_size, peak[n], warmup, convention_ok,
+                                cuda, env) for n in names}
     ref_rounds = times[reference]
     speedup = {n: results[n]["images_per_s"] / results[reference]["images_per_s"] for n in names}
     # per round: the same number of iterations of each model, so the time ratio is the speed ratio

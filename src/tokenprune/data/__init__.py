@@ -3,6 +3,7 @@
 * :class:`ShardDataModule` -- train (resampled, fixed epoch length per rank) / validation (each sample
   exactly once over ranks and workers) from ``jpg|png`` + ``cls`` tar shards.
 * :class:`SkippedSampleMonitor` -- callback logging corrupt samples skipped per epoch, summed over ranks.
+* :mod:`tokenprune.data.resume` -- the resumable training stream (exact mid-epoch resume) train.py uses.
 * :mod:`tokenprune.data.shards` -- shard specs and sample counts (``_info.json``).
 * :mod:`tokenprune.data.pipeline` -- the iterable datasets and the shared-memory sample counter.
 * :mod:`tokenprune.data.digits` -- generator of the built-in data set

@@ -19,6 +19,7 @@ including a warning when a full validation pass did not score exactly the expect
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
@@ -36,7 +38,6 @@ from .pipeline import (
     EvalShardDataset,
     SampleCounter,
     TrainShardDataset,
-    WorkerSeeder,
     batches_per_rank,
 )
 from .shards import ShardSet, resolve_shards
@@ -124,33 +125,36 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # the arguments are read from self.hparams
         self._check_args()
-        self.train_shards = train_shards
-        self.val_shards = val_shards
-        self.train_samples = train_samples
-        self.val_samples = val_samples
         self._given = {k: v for k, v in dict(image_size=image_size, resize_size=resize_size, mean=mean, std=std,
                                              interpolation=interpolation, crop_pct=crop_pct).items()
                        if v is not None}
         self.model_data_config: dict | None = None
         self._resolve()
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.train_augment = train_augment
-        self.auto_augment = auto_augment
-        self.re_prob = re_prob
-        self.label_smoothing = label_smoothing
-        self.num_classes = num_classes
-        self.seed = seed
         #: timm ``Mixup`` applied by the LightningModule to training batches, or None
         self.mixup_fn = build_mixup(mixup, cutmix, label_smoothing, num_classes)
         self.train_set: ShardSet | None = None
         self.val_set: ShardSet | None = None
         self._dist_override: tuple[int, int] | None = None
         self._counters: dict[str, SampleCounter] = {}
+
+    # read by the LightningModule, the evaluation grid and the resumable training loader
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    @property
+    def val_shards(self) -> str | None:
+        return self.hparams.val_shards
+
+    @property
+    def val_batch_size(self) -> int:
+        return self.hparams.val_batch_size or self.hparams.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.hparams.seed
 
     # ------------------------------------------------------------------ config
     def _check_args(self) -> None:
@@ -233,16 +237,16 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve shard lists and sample counts (local files only; no network)."""
         if stage in (None, "fit"):
-            if self.train_shards is None:
+            if self.hparams.train_shards is None:
                 raise ValueError("ShardDataModule: train_shards is needed to fit")
-            self.train_set = resolve_shards(self.train_shards, "train", self.train_samples,
+            self.train_set = resolve_shards(self.hparams.train_shards, "train", self.hparams.train_samples,
                                             arg_name="train_samples", count_required=True)
         if stage in (None, "fit", "validate", "test", "predict"):
             if self.val_shards is None:
                 if stage in ("validate", "test", "predict"):
                     raise ValueError(f"ShardDataModule: val_shards is needed to {stage}")
             else:
-                self.val_set = resolve_shards(self.val_shards, "validation", self.val_samples,
+                self.val_set = resolve_shards(self.val_shards, "validation", self.hparams.val_samples,
                                               arg_name="val_samples", count_required=False)
         for line in self.describe():
             log.info(line)
@@ -262,9 +266,10 @@ class ShardDataModule(L.LightningDataModule):
         lines = []
         rank, world = self.dist_info()
         if self.train_set is not None:
-            nb = batches_per_rank(self.train_set.num_samples or 1, self.batch_size, world)
+            h = self.hparams
+            nb = batches_per_rank(self.train_set.num_samples or 1, h.batch_size, world)
             lines.append(f"train: {len(self.train_set)} shards, {self.train_set.num_samples} samples, "
-                         f"{nb} batches of {self.batch_size} per rank x {world} ranks, augment={self.train_augment}, "
+                         f"{nb} batches of {h.batch_size} per rank x {world} ranks, augment={h.train_augment}, "
                          f"mixup={'on' if self.mixup_fn is not None else 'off'}")
         if self.val_set is not None:
             lines.append(f"validation: {len(self.val_set)} shards, "
@@ -274,7 +279,8 @@ class ShardDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ transforms / training helpers
     def train_transform(self):
-        return build_train_transform(self.image_size, self.train_augment, self.auto_augment, self.re_prob,
+        h = self.hparams
+        return build_train_transform(self.image_size, h.train_augment, h.auto_augment, h.re_prob,
                                      self.mean, self.std, resize_size=self.resize_size,
                                      interpolation=self.interpolation)
 
@@ -284,12 +290,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_loss_fn(self) -> torch.nn.Module:
         """Loss matching the targets the training batches will have after ``mixup_fn``."""
-        return build_train_loss(self.mixup_fn is not None, self.label_smoothing)
+        return build_train_loss(self.mixup_fn is not None, self.hparams.label_smoothing)
 
     # ------------------------------------------------------------------ counters
     def counter(self, split: str) -> SampleCounter:
         if split not in self._counters:
-            self._counters[split] = SampleCounter(max(1, self.num_workers), split)
+            self._counters[split] = SampleCounter(max(1, self.hparams.num_workers), split)
         return self._counters[split]
 
     def sample_counts(self, split: str = "validation") -> dict[str, int]:
@@ -314,18 +320,24 @@ class ShardDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, rank: int, persistent: bool = False) -> DataLoader:
         kwargs: dict[str, Any] = {}
-        if self.num_workers > 0:
-            kwargs.update(persistent_workers=persistent, prefetch_factor=2, worker_init_fn=WorkerSeeder(rank))
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+        num_workers = self.hparams.num_workers
+        if num_workers > 0:
+            # Lightning's worker seeding (as seed_everything(workers=True) installs it), given the rank
+            # explicitly: python, numpy and torch reseeded per worker from (the loader's base seed, worker,
+            # rank), so augmentations differ between ranks and are reproducible
+            kwargs.update(persistent_workers=persistent, prefetch_factor=2,
+                          worker_init_fn=functools.partial(pl_worker_init_function, rank=rank))
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         shards = self._ensure("train")
         rank, world = self.dist_info()
-        ds = TrainShardDataset(shards.urls, self.train_transform(), self.batch_size, shards.num_samples,
-                               rank=rank, world_size=world, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-                               num_classes=self.num_classes, counter=self.counter("train"))
-        return self._loader(ds, rank, persistent=self.num_workers > 0)
+        h = self.hparams
+        ds = TrainShardDataset(shards.urls, self.train_transform(), h.batch_size, shards.num_samples,
+                               rank=rank, world_size=world, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
+                               num_classes=h.num_classes, counter=self.counter("train"))
+        return self._loader(ds, rank, persistent=h.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:
         shards = self._ensure("validation")

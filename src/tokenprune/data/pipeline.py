@@ -77,7 +77,6 @@ __all__ = [
     "TrainShardDataset",
     "EvalShardDataset",
     "batches_per_rank",
-    "WorkerSeeder",
 ]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -474,22 +473,3 @@ class EvalShardDataset(IterableDataset):
             delivered += len(batch)
             yield _collate(batch)
         skips.summary(delivered)
-
-
-class WorkerSeeder:
-    """``worker_init_fn`` that reseeds ``random``, numpy and torch per worker *and rank*.
-
-    The DataLoader gives worker w the seed ``base + w`` with ``base`` drawn from the main-process RNG, which
-    is identical on every rank after ``seed_everything``; mixing in the rank decorrelates the augmentations.
-    """
-
-    def __init__(self, rank: int = 0):
-        self.rank = int(rank)
-
-    def __call__(self, worker_id: int) -> None:
-        base = torch.initial_seed()
-        ss = np.random.SeedSequence(_seed_words(base, self.rank, worker_id))
-        s64 = int(ss.generate_state(2, dtype=np.uint64)[0])
-        random.seed(s64)
-        np.random.seed(int(ss.generate_state(1)[0]))
-        torch.manual_seed(s64 & 0x7FFFFFFFFFFFFFFF)

@@ -1,5 +1,5 @@
 """Configuration of the evaluation grid (``eval.py``): the schema (dataclasses), the jsonargparse parser,
-normalisation/validation of a config, and the dtype/device names it uses.
+normalisation/validation of a config, and the device names it uses (dtype names: tokenprune.bench.throughput).
 
 Re-exported by tokenprune.evaluate.grid.
 """
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+
+from ..bench.throughput import as_dtype
+from .labels import method_label
 
 __all__ = ["BackboneEntry", "MethodEntry", "DataConfig", "ThroughputConfig", "VisualizeConfig", "EvalConfig",
            "build_parser", "parse_config", "methods_for", "normalise_config", "resolve_device", "BUDGET_MODES"]
@@ -236,7 +239,7 @@ def normalise_config(cfg: EvalConfig) -> EvalConfig:
     if cfg.batch_size <= 0 or (cfg.max_samples is not None and cfg.max_samples <= 0):
         raise ValueError(f"batch_size and max_samples must be > 0, got {cfg.batch_size} / {cfg.max_samples}")
     for dt in (cfg.dtype, cfg.throughput.dtype):
-        _dtype(dt)
+        as_dtype(dt)  # unknown names raise, naming the value and the choices
     return cfg
 
 
@@ -244,8 +247,6 @@ def methods_for(entry: BackboneEntry, cfg: EvalConfig) -> List[MethodEntry]:
     """The method entries of ``cfg`` that ``entry`` runs (its ``methods`` list, by label or preset name)."""
     if entry.methods is None:
         return list(cfg.methods)
-    from .variants import method_label
-
     names = set(entry.methods)
     chosen = [m for m in cfg.methods if method_label(m) in names or m.method in names]
     known = {method_label(m) for m in cfg.methods} | {m.method for m in cfg.methods}
@@ -268,14 +269,6 @@ def parse_config(argv: Optional[List[str]] = None):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; expected float32, float16 or bfloat16")
-    return table[name]
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,12 +32,14 @@ from tqdm.auto import tqdm
 # The schema, builders and measurements live in sibling modules; every name is re-exported here
 # (eval.py, the tests and the docs import them from tokenprune.evaluate.grid).
 from .config import (BUDGET_MODES, BackboneEntry, DataConfig, EvalConfig, MethodEntry,  # noqa: F401
-                     ThroughputConfig, VisualizeConfig, _dtype, _to_dataclass, build_parser, normalise_config,
+                     ThroughputConfig, VisualizeConfig, _to_dataclass, build_parser, normalise_config,
                      methods_for, parse_config, resolve_device)
-from .measure import _flops_fields, _input_size, _jsonable, _throughput, _unique_params, machine_info
+from ..bench.throughput import as_dtype, machine_info
+from .measure import _flops_fields, _input_size, _jsonable, _throughput, _unique_params
 from ..models.timm_contract import model_data_config
-from .variants import (DISPLAY_NAMES, MERGING_REDUCERS, Variant, _applicable, _build_variants,  # noqa: F401
-                       _read_data_yaml, build_backbone, build_datamodule, method_label)
+from .labels import DISPLAY_NAMES, method_label  # noqa: F401
+from .variants import (MERGING_REDUCERS, Variant, _applicable, _build_variants,  # noqa: F401
+                       _read_data_yaml, build_backbone, build_datamodule)
 
 __all__ = ["BackboneEntry", "MethodEntry", "DataConfig", "ThroughputConfig", "VisualizeConfig", "EvalConfig",
            "build_parser", "parse_config", "run_grid", "main", "method_label", "build_datamodule",
@@ -75,7 +77,7 @@ def _validate(variants: List[Variant], dm, cfg: EvalConfig, device: torch.device
     patches of the first images for kept_patches.png)."""
     from .budget import measured_token_reduction, tokens_per_block_from_trace
 
-    dtype = _dtype(cfg.dtype)
+    dtype = as_dtype(cfg.dtype)
     for v in variants:
         v.metrics = (_top_k(num_classes, 1, device), _top_k(num_classes, 5, device))
         v.peak_mem = 0
@@ -156,33 +158,36 @@ def _is_timed(v: Variant, reductions: Optional[List[float]]) -> bool:
     return v.method is None or reductions is None or any(abs(v.budget - r) < 1e-9 for r in reductions)
 
 
-def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.device, progress: bool = True):
-    """Rows (one per variant) and the visual of one backbone."""
-    from ..models.proposal import build_proposal
-    from ..pruning.methods import METHODS, family_of
+def _needs_proposal(bb: torch.nn.Module, family: str, methods: List[MethodEntry]) -> bool:
+    """Whether one of the applicable methods scores tokens with the PaPr proposal ConvNet."""
+    from ..pruning.methods import METHODS
 
-    name = entry.name or entry.model
-    torch.manual_seed(cfg.seed)
-    bb = build_backbone(entry)
-    family = family_of(bb)
-    methods = methods_for(entry, cfg)
-    needs_proposal = any(_applicable(bb, m.method) and m.method in METHODS and "papr" == m.options.get(
+    return any(_applicable(bb, m.method) and m.method in METHODS and "papr" == m.options.get(
         "evaluator", (METHODS[m.method].evaluator or {}).get(family)) for m in methods)
-    proposal = build_proposal(cfg.proposal, cfg.proposal_checkpoint) if (needs_proposal and cfg.proposal) else None
-    variants, skipped = _build_variants(bb, cfg, proposal, progress, methods, entry.reductions)
-    input_size = _input_size(bb)
+
+
+def _count_params_and_flops(variants: List[Variant], bb: torch.nn.Module, cfg: EvalConfig, name: str,
+                            progress: bool) -> None:
+    """Parameters, simulated token reduction and (with ``cfg.flops``) FLOPs of every variant, into its row."""
     for v in tqdm(variants, desc=f"params/FLOPs {name}", disable=not progress, leave=False):
         v.row.update(params=_unique_params(v.model), params_backbone=_unique_params(bb),
                      token_reduction_simulated=v.model.token_reduction())
         if cfg.flops:
             v.row.update(_flops_fields(v.model))
-    for v in variants:
-        v.model.to(device)
+
+
+def _validation_data(entry: BackboneEntry, cfg: EvalConfig, bb: torch.nn.Module, input_size, name: str):
+    """The backbone's validation data module; its image size must be the one the backbone takes."""
     dm = build_datamodule(cfg.data, cfg.batch_size, bb.num_classes, entry.data, model_data_config(bb))
     if tuple(input_size[1:]) != (dm.image_size, dm.image_size):
         raise ValueError(f"{name} takes {input_size[1]}x{input_size[2]} images but the data gives "
                          f"{dm.image_size}x{dm.image_size}; set data.image_size (or the backbone's data: override)")
-    val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress, draw=entry.visualize)
+    return dm
+
+
+def _time_variants(variants: List[Variant], cfg: EvalConfig, device: torch.device, input_size, name: str,
+                   progress: bool) -> Dict[str, Any]:
+    """Throughput of the timed variants in one interleaved run (empty results when nothing is timed)."""
     tput: Dict[str, Any] = {"models": {}, "speedup": {}, "speedup_rounds": {}}
     timed = [v for v in variants if _is_timed(v, cfg.throughput.reductions)]
     # with throughput.reductions set, a backbone left with its unpruned model alone is not timed: a reference
@@ -195,37 +200,42 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
                   f"(batch {cfg.throughput.batch_size}, {cfg.throughput.warmup}+{cfg.throughput.iters} iters)",
                   file=sys.stderr)
         tput = _throughput(models, cfg.throughput, tdev, input_size, progress)
-    base = variants[0]
-    base_top1 = float(base.metrics[0].compute()) * 100
-    rows = []
-    for v in variants:
-        top1 = float(v.metrics[0].compute()) * 100
-        top5 = float(v.metrics[1].compute()) * 100
-        t = tput["models"].get(v.key, {})
-        ips = t.get("images_per_s")
-        if t.get("device", "").startswith("cuda"):
-            peak = t.get("peak_mem_mb")  # timed throughput iterations (CUDA allocator peak)
-        else:
-            peak = (v.peak_mem / 2**20) if device.type == "cuda" else None
-        row = {
-            "backbone": name, "model": entry.model, "checkpoint_file": entry.checkpoint_file,
-            "method": v.method or "none", "label": v.label, "options": dict(v.entry.options) if v.entry else {},
-            "unpruned": v.method is None, "budget_mode": v.budget_mode, "budget": v.budget, "keep": v.keep,
-            "token_reduction": v.row.get("token_reduction", 0.0 if v.method is None else None),
-            "token_reduction_simulated": v.row.get("token_reduction_simulated"),
-            "tokens_per_block": v.row.get("tokens_per_block") or base.model.tokens_per_block(),
-            "params": v.row.get("params"), "params_backbone": v.row.get("params_backbone"),
-            "gflops": v.row.get("gflops"), "gflops_paper": v.row.get("gflops_paper"),
-            "gflops_proposal": v.row.get("gflops_proposal"),
-            "top1": top1, "top5": top5, "delta_top1": top1 - base_top1, "samples": val["samples"],
-            "images_per_s": ips, "speedup": tput["speedup"].get(v.key), "peak_mem_mib": peak,
-            "peak_mem_validation_mib": (v.peak_mem / 2**20) if device.type == "cuda" else None,
-            "throughput": {**{k: x for k, x in t.items() if k != "images_per_s" and _jsonable(x)},
-                           "speedup_rounds": tput["speedup_rounds"].get(v.key)},
-        }
-        rows.append(row)
-        v.metrics = None
-    info = {"name": name, "model": entry.model, "checkpoint_file": entry.checkpoint_file,
+    return tput
+
+
+def _variant_row(entry: BackboneEntry, name: str, v: Variant, base: Variant, base_top1: float,
+                 val: Dict[str, Any], tput: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """The report row of one variant: accuracy, token reduction, parameters, FLOPs, speed and memory."""
+    top1 = float(v.metrics[0].compute()) * 100
+    top5 = float(v.metrics[1].compute()) * 100
+    t = tput["models"].get(v.key, {})
+    ips = t.get("images_per_s")
+    if t.get("device", "").startswith("cuda"):
+        peak = t.get("peak_mem_mb")  # timed throughput iterations (CUDA allocator peak)
+    else:
+        peak = (v.peak_mem / 2**20) if device.type == "cuda" else None
+    return {
+        "backbone": name, "model": entry.model, "checkpoint_file": entry.checkpoint_file,
+        "method": v.method or "none", "label": v.label, "options": dict(v.entry.options) if v.entry else {},
+        "unpruned": v.method is None, "budget_mode": v.budget_mode, "budget": v.budget, "keep": v.keep,
+        "token_reduction": v.row.get("token_reduction", 0.0 if v.method is None else None),
+        "token_reduction_simulated": v.row.get("token_reduction_simulated"),
+        "tokens_per_block": v.row.get("tokens_per_block") or base.model.tokens_per_block(),
+        "params": v.row.get("params"), "params_backbone": v.row.get("params_backbone"),
+        "gflops": v.row.get("gflops"), "gflops_paper": v.row.get("gflops_paper"),
+        "gflops_proposal": v.row.get("gflops_proposal"),
+        "top1": top1, "top5": top5, "delta_top1": top1 - base_top1, "samples": val["samples"],
+        "images_per_s": ips, "speedup": tput["speedup"].get(v.key), "peak_mem_mib": peak,
+        "peak_mem_validation_mib": (v.peak_mem / 2**20) if device.type == "cuda" else None,
+        "throughput": {**{k: x for k, x in t.items() if k != "images_per_s" and _jsonable(x)},
+                       "speedup_rounds": tput["speedup_rounds"].get(v.key)},
+    }
+
+
+def _backbone_info(entry: BackboneEntry, name: str, family: str, bb: torch.nn.Module, input_size,
+                   skipped: list, val: Dict[str, Any], dm, tput: Dict[str, Any]) -> Dict[str, Any]:
+    """The report's description of one backbone: architecture, data, skipped methods/samples, timing setup."""
+    return {"name": name, "model": entry.model, "checkpoint_file": entry.checkpoint_file,
             "random_weights": not entry.checkpoint_file, "family": family,
             "depth": bb.num_layers, "grid": list(bb.grid), "seq_len": bb.seq_len, "input_size": list(input_size),
             "skipped": skipped, "samples": val["samples"], "validation_seconds": val["seconds"],
@@ -235,6 +245,35 @@ def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.devic
             "skipped_samples": dm.skipped_counts("validation"),
             "throughput": {k: tput.get(k) for k in ("device", "device_name", "dtype", "batch", "threads", "rounds",
                                                     "iters", "warmup", "reference") if k in tput}}
+
+
+def evaluate_backbone(entry: BackboneEntry, cfg: EvalConfig, device: torch.device, progress: bool = True):
+    """Rows (one per variant) and the visual of one backbone."""
+    from ..models.proposal import build_proposal
+    from ..pruning.methods import family_of
+
+    name = entry.name or entry.model
+    torch.manual_seed(cfg.seed)
+    bb = build_backbone(entry)
+    family = family_of(bb)
+    methods = methods_for(entry, cfg)
+    needs_proposal = _needs_proposal(bb, family, methods)
+    proposal = build_proposal(cfg.proposal, cfg.proposal_checkpoint) if (needs_proposal and cfg.proposal) else None
+    variants, skipped = _build_variants(bb, cfg, proposal, progress, methods, entry.reductions)
+    input_size = _input_size(bb)
+    _count_params_and_flops(variants, bb, cfg, name, progress)
+    for v in variants:
+        v.model.to(device)
+    dm = _validation_data(entry, cfg, bb, input_size, name)
+    val = _validate(variants, dm, cfg, device, dm.num_classes, name, progress, draw=entry.visualize)
+    tput = _time_variants(variants, cfg, device, input_size, name, progress)
+    base = variants[0]
+    base_top1 = float(base.metrics[0].compute()) * 100
+    rows = []
+    for v in variants:
+        rows.append(_variant_row(entry, name, v, base, base_top1, val, tput, device))
+        v.metrics = None
+    info = _backbone_info(entry, name, family, bb, input_size, skipped, val, dm, tput)
     del variants, bb, proposal
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -1,12 +1,11 @@
 """Measurements of the evaluation grid besides accuracy: parameter counts, FLOPs (fvcore), input size,
-throughput (one interleaved `compare_throughput` run per backbone) and the machine description.
+throughput (one interleaved `compare_throughput` run per backbone). The machine description is
+tokenprune.bench.throughput.machine_info.
 
 Re-exported by tokenprune.evaluate.grid.
 """
 from __future__ import annotations
 
-import os
-import platform
 import re
 from typing import Any, Dict
 
@@ -15,33 +14,11 @@ from torch import nn
 
 from .config import ThroughputConfig
 
-__all__ = ["machine_info"]
+__all__: list = []
 
 
 def _unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    import timm
-
-    import tokenprune
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "tokenprune": tokenprune.__version__, "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cuda": torch.version.cuda if device.type == "cuda" else None}
-    return info
 
 
 def _throughput(models: Dict[str, nn.Module], cfg: ThroughputConfig, device: torch.device, input_size,

@@ -17,31 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BackboneEntry, DataConfig, EvalConfig, MethodEntry
+from .labels import DISPLAY_NAMES, method_label, scorer_label  # noqa: F401  (re-exported)
 
 __all__ = ["build_backbone", "build_datamodule", "method_label", "Variant", "DISPLAY_NAMES", "MERGING_REDUCERS"]
 
-DISPLAY_NAMES = {
-    "random": "Random", "l2": "L2-norm (naive)", "evit": "EViT", "tome": "ToMe", "pumer": "PuMer", "utr": "UTR",
-    "top": "ToP", "hsa": "ToP+HSA", "papr": "PaPr", "papr_ss": "PaPr+SS", "visionzip": "VisionZip",
-}
 MERGING_REDUCERS = ("tome", "evit", "visionzip", "pumer", "utr")
 
-
-def method_label(entry: MethodEntry) -> str:
-    """Display label: the entry's name, else the preset's display name plus its options."""
-    if entry.name:
-        return entry.name
-    base = DISPLAY_NAMES.get(entry.method, entry.method)
-    opts = dict(entry.options)
-    if entry.method == "papr_ss":
-        opts.setdefault("smoothing", 3)
-    parts = []
-    for k, v in opts.items():
-        if k == "smoothing":
-            parts.append(f"k={v}")
-        else:
-            parts.append(f"{k}={v}")
-    return f"{base} ({', '.join(parts)})" if parts else base
 
 def build_backbone(entry: BackboneEntry) -> nn.Module:
     """timm model (+ local checkpoint) -> TokenBackbone in eval mode."""
@@ -170,6 +151,7 @@ def _build_variants(bb: nn.Module, cfg: EvalConfig, proposal: Optional[nn.Module
             keep = solve_keep_for_flops(bb, entry.method, 1.0 - float(budget), unpruned_flops=unpruned_flops,
                                         **opts)
         model = create_model(bb, entry.method, keep=keep, seed=cfg.seed, compile=cfg.compile, **opts).eval()
-        variants.append(Variant(f"{label}@{budget}", label, entry.method, entry, cfg.budget, float(budget), keep,
+        shown = scorer_label(label, model)  # "PuMer (L2 scorer)" where the preset's CLS scorer was replaced
+        variants.append(Variant(f"{shown}@{budget}", shown, entry.method, entry, cfg.budget, float(budget), keep,
                                 model))
     return variants, skipped

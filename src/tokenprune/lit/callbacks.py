@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..compat import cluster_environment, slurm_requeue_handler
+
 log = logging.getLogger("tokenprune.lit")
 
 
@@ -247,7 +249,7 @@ class ThroughputCallback(Callback):
             self._eval_end(trainer, pl_module, "test")
 
     def on_train_end(self, trainer, pl_module):
-        # not on_fit_end: by then the module is on the CPU (DESIGN.md §6)
+        # not on_fit_end: Lightning's strategy teardown has moved the module to the CPU by then (docs/CONVENTIONS.md)
         if not (self.enabled and self.on_fit_end_) or not trainer.is_global_zero:
             return
         metrics = self.measure(pl_module, trainer.strategy.root_device, hook="train_end")
@@ -282,7 +284,7 @@ class RequeueAtStepBoundary(Callback):
         self.handled_at_step: Optional[int] = None
 
     def _env(self, trainer) -> Optional[SLURMEnvironment]:
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         return env if isinstance(env, SLURMEnvironment) and env.auto_requeue else None
 
     def on_train_start(self, trainer, pl_module):
@@ -297,7 +299,7 @@ class RequeueAtStepBoundary(Callback):
             self._pending = handler.received
             if handler.received:
                 log.info("requeue signal received during start-up: handled at the first training-step boundary")
-            handler = getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)
+            handler = slurm_requeue_handler(trainer)
         if not callable(handler):
             log.warning("requeue guard: no handler for %s is installed; Lightning's auto-requeue is off", sig)
             return

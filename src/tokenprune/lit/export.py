@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..models.checkpoint import CheckpointMismatchError, load_strict, torch_load_trusted
+from ..pruning.checkpoint import pruned_model_state
 from ..pruning.methods import PlainClassifier, as_backbone
-from .module import pruned_model_state
 
 __all__ = ["unwrap_backbone", "export_backbone"]
 

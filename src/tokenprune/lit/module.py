@@ -31,86 +31,21 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..envpaths import expand_env
-from ..models.checkpoint import CheckpointMismatchError, load_strict, torch_load_trusted, weights_fingerprint
+from ..models.checkpoint import torch_load_trusted, weights_fingerprint
 from ..pruning import create_model
+from ..pruning.checkpoint import is_lightning_checkpoint, load_backbone_from_lightning, official_checkpoint_kwargs
 from ..pruning.stage import PrunedModel
 
 log = logging.getLogger("tokenprune.lit")
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "register_tokens")
 DISTILL_MODES = (None, "logits", "hard")
-LIGHTNING_VERSION_KEYS = ("pytorch-lightning_version", "lightning_version")
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def expand_path(path: Optional[str], what: str = "path") -> Optional[str]:
-    """Expand ``~`` and ``$VAR`` / ``${VAR}``; an unset variable is an error naming it."""
-    return expand_env(path, what)
-
-
-def is_lightning_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and "state_dict" in obj and any(k in obj for k in LIGHTNING_VERSION_KEYS)
-
-
-def pruned_model_state(ckpt: dict, path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The ``PrunedModel`` state dict (keys ``backbone.*``, ``stages.*``) inside a Lightning checkpoint of a
-    ``PruningClassifier`` run: its ``model.*`` entries (``ema.module.*`` with use_ema) with the prefix removed."""
-    sd = ckpt["state_dict"]
-    prefix = "ema.module." if use_ema else "model."
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not out:
-        tops = sorted({k.split(".", 1)[0] for k in sd})
-        if use_ema:
-            raise CheckpointMismatchError(
-                f"{path}: checkpoint_use_ema=True but this Lightning checkpoint has no EMA weights "
-                f"(no 'ema.module.*' keys; top-level prefixes: {tops}); was the run trained with model.ema_decay?")
-        raise CheckpointMismatchError(
-            f"{path}: a Lightning checkpoint without 'model.*' weights (top-level prefixes: {tops}); "
-            "expected a checkpoint written by tokenprune.lit.PruningClassifier")
-    return out
-
-
-def load_backbone_from_lightning(model: PrunedModel, path: str, use_ema: bool = False,
-                                 ckpt: Optional[dict] = None) -> None:
-    """Load the backbone weights of an earlier ``PruningClassifier`` run into ``model.backbone``, strictly.
-
-    Only ``backbone.*`` is taken: the reduction stages of the earlier run may differ (another method, keep
-    ratio or proposal network); the proposal network comes from ``proposal_checkpoint``.
-    """
-    ckpt = torch_load_trusted(path) if ckpt is None else ckpt
-    state = pruned_model_state(ckpt, path, use_ema)
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise CheckpointMismatchError(f"{path}: no 'model.backbone.*' weights in this Lightning checkpoint")
-    load_strict(model.backbone, backbone, source=f"{path} (Lightning checkpoint, "
-                                                 f"{'ema.module' if use_ema else 'model'}.backbone.*)")
-
-
-def _registered_by_tokenprune(name: str) -> bool:
-    try:
-        fn = timm.models.model_entrypoint(name)
-    except Exception:  # noqa: BLE001 - unknown names are reported by create_model
-        return False
-    return getattr(fn, "__module__", "").startswith("tokenprune")
-
-
-def official_checkpoint_kwargs(backbone: str, path: str, use_ema: bool = False) -> Dict[str, Any]:
-    """timm.create_model kwargs that load an official-layout file strictly, never downloading.
-
-    tokenprune's backbones (ViM, PlainMamba, small DeiTs) take ``checkpoint_file``; stock timm models load a
-    local file through ``pretrained=True`` + ``pretrained_cfg_overlay={"file": path}`` (timm's filter is applied).
-    """
-    if _registered_by_tokenprune(backbone):
-        return {"checkpoint_file": path, **({"use_ema": True} if use_ema else {})}
-    if use_ema:
-        raise ValueError(f"checkpoint_use_ema=True is only supported for tokenprune's backbones and Lightning "
-                         f"checkpoints, not the timm model {backbone!r}")
-    return {"pretrained": True, "pretrained_cfg_overlay": {"file": path}}
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -225,31 +160,11 @@ class PruningClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self._check_args()
-        mk = dict(model_kwargs or {})
-        if num_classes is not None:
-            mk["num_classes"] = int(num_classes)
-        ckpt_path = expand_path(checkpoint_file, "checkpoint_file")
-        lightning_ckpt = None
-        if ckpt_path is not None:
-            if not os.path.isfile(ckpt_path):
-                raise FileNotFoundError(f"model.checkpoint_file not found: {ckpt_path!r}")
-            obj = torch_load_trusted(ckpt_path)
-            if is_lightning_checkpoint(obj):
-                lightning_ckpt = obj
-            else:
-                del obj
-                clash = {"checkpoint_file", "pretrained", "pretrained_cfg_overlay"} & set(mk)
-                if clash:
-                    raise ValueError(f"give the weights either as model.checkpoint_file or in model_kwargs "
-                                     f"({sorted(clash)}), not both")
-                mk.update(official_checkpoint_kwargs(backbone, ckpt_path, checkpoint_use_ema))
-        self.model: PrunedModel = create_model(
+        self.model: PrunedModel = self._build_model(
             backbone, method, keep, layers=layers, smoothing=smoothing, alignment=alignment,
-            proposal=proposal, proposal_checkpoint=expand_path(proposal_checkpoint, "proposal_checkpoint"),
-            model_kwargs=mk, compile=compile, **dict(method_options or {}))
-        if lightning_ckpt is not None:
-            load_backbone_from_lightning(self.model, ckpt_path, checkpoint_use_ema, ckpt=lightning_ckpt)
-            del lightning_ckpt
+            method_options=method_options, proposal=proposal, proposal_checkpoint=proposal_checkpoint,
+            checkpoint_file=checkpoint_file, checkpoint_use_ema=checkpoint_use_ema, model_kwargs=model_kwargs,
+            num_classes=num_classes, compile=compile)
         n_cls = int(self.model.num_classes)
         if num_classes is not None and n_cls != num_classes:
             raise ValueError(f"backbone {backbone!r} has {n_cls} classes but num_classes={num_classes}")
@@ -258,11 +173,68 @@ class PruningClassifier(L.LightningModule):
         self.teacher: Optional[nn.Module] = None
         if distill is not None:
             self.teacher = self._build_teacher(distill_teacher, distill_teacher_checkpoint, n_cls)
-        self.ema = None
-        if ema_decay is not None:
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.model, decay=float(ema_decay))
-            self.ema.requires_grad_(False)
+        self.ema = self._build_ema(ema_decay)
+        self._build_metrics(n_cls)
+        self.mixup_fn = None
+        self.train_loss_fn: nn.Module = nn.CrossEntropyLoss()
+        self.base_seed: Optional[int] = rng_seed
+
+    # ------------------------------------------------------------------ construction steps
+    @staticmethod
+    def _timm_kwargs(model_kwargs: Optional[Dict[str, Any]], num_classes: Optional[int]) -> Dict[str, Any]:
+        """``timm.create_model`` kwargs: model_kwargs plus the class count when one is given."""
+        mk = dict(model_kwargs or {})
+        if num_classes is not None:
+            mk["num_classes"] = int(num_classes)
+        return mk
+
+    @staticmethod
+    def _read_starting_weights(ckpt_path: Optional[str], backbone: str, use_ema: bool,
+                               mk: Dict[str, Any]) -> Optional[dict]:
+        """Open ``checkpoint_file``: a Lightning checkpoint is returned (its backbone is loaded once the model is
+        built); an official-layout file becomes the timm kwargs that load it, added to ``mk``."""
+        if ckpt_path is None:
+            return None
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"model.checkpoint_file not found: {ckpt_path!r}")
+        obj = torch_load_trusted(ckpt_path)
+        if is_lightning_checkpoint(obj):
+            return obj
+        del obj
+        clash = {"checkpoint_file", "pretrained", "pretrained_cfg_overlay"} & set(mk)
+        if clash:
+            raise ValueError(f"give the weights either as model.checkpoint_file or in model_kwargs "
+                             f"({sorted(clash)}), not both")
+        mk.update(official_checkpoint_kwargs(backbone, ckpt_path, use_ema))
+        return None
+
+    def _build_model(self, backbone: str, method: Optional[str], keep: float, *, layers, smoothing, alignment,
+                     method_options, proposal, proposal_checkpoint, checkpoint_file, checkpoint_use_ema,
+                     model_kwargs, num_classes, compile) -> PrunedModel:
+        """The pruned network with its starting weights (official file through timm, or the backbone of a
+        Lightning checkpoint loaded strictly after building)."""
+        mk = self._timm_kwargs(model_kwargs, num_classes)
+        ckpt_path = expand_env(checkpoint_file, "checkpoint_file")
+        lightning_ckpt = self._read_starting_weights(ckpt_path, backbone, checkpoint_use_ema, mk)
+        model = create_model(
+            backbone, method, keep, layers=layers, smoothing=smoothing, alignment=alignment,
+            proposal=proposal, proposal_checkpoint=expand_env(proposal_checkpoint, "proposal_checkpoint"),
+            model_kwargs=mk, compile=compile, **dict(method_options or {}))
+        if lightning_ckpt is not None:
+            load_backbone_from_lightning(model, ckpt_path, checkpoint_use_ema, ckpt=lightning_ckpt)
+        return model
+
+    def _build_ema(self, ema_decay: Optional[float]):
+        """timm ``ModelEmaV3`` of ``self.model`` (frozen), or None without ``ema_decay``."""
+        if ema_decay is None:
+            return None
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(self.model, decay=float(ema_decay))
+        ema.requires_grad_(False)
+        return ema
+
+    def _build_metrics(self, n_cls: int) -> None:
+        """top-1 / top-5 accuracy and the mean loss of validation and test."""
         top_k = min(5, n_cls)
         self.val_top1 = MulticlassAccuracy(n_cls, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(n_cls, top_k=top_k, average="micro")
@@ -270,9 +242,6 @@ class PruningClassifier(L.LightningModule):
         self.test_top1 = MulticlassAccuracy(n_cls, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(n_cls, top_k=top_k, average="micro")
         self.test_loss = MeanMetric()
-        self.mixup_fn = None
-        self.train_loss_fn: nn.Module = nn.CrossEntropyLoss()
-        self.base_seed: Optional[int] = rng_seed
 
     # ------------------------------------------------------------------ checks
     def _check_args(self) -> None:
@@ -311,7 +280,7 @@ class PruningClassifier(L.LightningModule):
         if name is None:
             teacher: nn.Module = PrunedModel(copy.deepcopy(self.model.backbone), [], method=None)
         else:
-            path = expand_path(checkpoint, "distill_teacher_checkpoint")
+            path = expand_env(checkpoint, "distill_teacher_checkpoint")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"model.distill_teacher_checkpoint not found: {path!r}")
             kwargs = official_checkpoint_kwargs(name, path)
@@ -371,23 +340,32 @@ class PruningClassifier(L.LightningModule):
         return [SkippedSampleMonitor()]
 
     # ------------------------------------------------------------------ optimisation
-    def parameter_groups(self) -> List[Dict[str, Any]]:
-        decay, no_decay = [], []
-        listed = set()  # the models' own no_weight_decay() lists (ViM: A_log, A_b_log, ... as the recipes)
+    def _no_weight_decay_names(self) -> List[str]:
+        """Parameter names of ``self.model`` kept out of weight decay besides the 1-d ones and biases: the models'
+        own ``no_weight_decay()`` lists (ViM: A_log, A_b_log, ... as the recipes), the NO_DECAY_NAMES leaves
+        (pos_embed, cls_token, ...) and parameters flagged ``_no_weight_decay``."""
+        listed = set()
         for prefix, module in self.model.named_modules():
             if callable(getattr(module, "no_weight_decay", None)):
                 listed |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES or name in listed
-                    or getattr(p, "_no_weight_decay", False)):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [name for name, p in self.model.named_parameters()
+                if name in listed or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+                or getattr(p, "_no_weight_decay", False)]
+
+    def parameter_groups(self) -> List[Dict[str, Any]]:
+        """``[decay, no_decay]`` AdamW groups of the trainable parameters (in ``named_parameters`` order).
+
+        The split is timm's ``param_groups_weight_decay`` (1-d parameters, biases and the listed names get no
+        decay). Its groups are re-laid here because timm's layout differs where it matters for resuming:
+        it puts the no-decay group first, leaves out empty groups and, with ``weight_decay=0``, returns a single
+        group, while an optimizer's saved state is matched to its groups by position; so this always returns
+        the two groups, decay first (timm is asked with a non-zero decay only to get the split). The listed names
+        are timm's fnmatch patterns; parameter names hold no wildcards, so each matches itself only."""
+        split = param_groups_weight_decay(self.model, weight_decay=1.0,
+                                          no_weight_decay_list=self._no_weight_decay_names())
+        by_decay = {bool(g["weight_decay"]): g["params"] for g in split}
+        return [{"params": by_decay.get(True, []), "weight_decay": self.hparams.weight_decay},
+                {"params": by_decay.get(False, []), "weight_decay": 0.0}]
 
     def _schedule_lengths(self) -> tuple:
         h = self.hparams

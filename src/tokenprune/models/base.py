@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Protocol, Set
 import torch
 from torch import nn
 
-from ..pruning.state import TokenState
+from ..tokens.state import TokenState
 
 # Signals a backbone can compute at a block on request. Shapes are per token (B, T) unless noted.
 SIGNAL_DOCS = {

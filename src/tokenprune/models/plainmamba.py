@@ -31,10 +31,10 @@ from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
-from timm.models._features import feature_take_indices
+from ..compat import feature_take_indices
 from torch import nn
 
-from ..pruning.state import TokenState, initial_state
+from ..tokens.state import TokenState, initial_state
 from ..ssm import selective_scan
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables

@@ -13,7 +13,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .checkpoint import EMA_KEYS, CheckpointMismatchError, read_state_dict
 from .plainmamba import ConvPatchEmbed, PlainMamba, PlainMambaLayer, checkpoint_filter_fn
-from .timm_contract import build_backbone, official_cfg, quarter_indices
+from .registry import build_backbone, official_cfg, quarter_indices
 
 # fx leaves: the scan is a Python-dispatched autograd Function, and the stem pads by Python arithmetic on
 # the input size; symbolic tracing follows neither

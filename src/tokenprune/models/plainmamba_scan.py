@@ -29,7 +29,8 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
-from ..pruning import ops
+from ..tokens.checks import check_values
+from ..tokens.sequence import restricted_order, scan_gaps
 
 START, RIGHT, LEFT, UP, DOWN = 0, 1, 2, 3, 4
 DIRECTION_NAMES = ("start", "right", "left", "up", "down")
@@ -117,9 +118,9 @@ def restricted_scan(pos: torch.Tensor, order_inverse: torch.Tensor, labels: torc
         order_inverse: (L,) long, full-scan step of each raster position.
         labels: (L,) long, direction label of each full-scan step.
     """
-    perm = ops.restricted_order(torch.argsort(order_inverse), pos)
+    perm = restricted_order(torch.argsort(order_inverse), pos)
     sorted_steps = order_inverse[pos].gather(1, perm)  # full-scan steps the restricted scan visits, ascending
-    gaps, _ = ops.scan_gaps(sorted_steps, int(order_inverse.shape[0]))
+    gaps, _ = scan_gaps(sorted_steps, int(order_inverse.shape[0]))
     return RestrictedScan(perm, torch.argsort(perm, dim=1), labels[sorted_steps], gaps)
 
 
@@ -128,7 +129,7 @@ def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Ten
     if pos.dim() != 2 or pos.dtype != torch.long:
         raise ValueError(f"pos must be a (B, T) long tensor, got {pos.dtype} {tuple(pos.shape)}")
     L = inverse.shape[1]
-    if ops.check_values(pos) and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
+    if check_values(pos) and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
         raise ValueError(f"PlainMamba token positions must be raster indices in [0, {L - 1}], got range "
                          f"[{int(pos.min())}, {int(pos.max())}] (fused tokens without a grid position, as "
                          "EViT makes, are not supported)")

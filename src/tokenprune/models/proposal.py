@@ -12,7 +12,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .vim_registry import build_with_checkpoint
+from .registry import build_with_checkpoint
 
 
 def _inverted_residual(c_in: int, c_out: int, stride: int, expand: int = 4) -> nn.Module:

@@ -1,6 +1,7 @@
 """Vision Mamba (hustvl/Vim), checkpoint-compatible: middle CLS, bidirectional "v2" mixer, fp32 residual.
 
-Parameter names and shapes follow the official state dict (DESIGN.md §4), so official files load strictly.
+Parameter names and shapes are those of the official hustvl/Vim state dict (docs/CONVENTIONS.md, "Checkpoints"),
+so official files load strictly with no key renamed.
 The mixer also supports the two hidden-state alignments used after pruning (see `align` in TokenState.extras).
 """
 from __future__ import annotations
@@ -11,11 +12,11 @@ from typing import AbstractSet, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from timm.models._features import feature_take_indices
+from ..compat import feature_take_indices
 from torch import nn
 
-from ..pruning import ops
-from ..pruning.state import TokenState, initial_state
+from ..tokens.sequence import gap_scale, gap_scaled_delta_B, gather_from_sequence, scatter_to_sequence
+from ..tokens.state import TokenState, initial_state
 from ..ssm import get_scan_impl, selective_scan
 from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
 from ..ssm.scan import _record, disable_triton, triton_build_errors
@@ -48,7 +49,7 @@ def _gap_scaled(delta: torch.Tensor, Bm: torch.Tensor, bias: torch.Tensor, gap: 
     # softplus first: the rescaling is exact only after it; results stay in the inputs' dtypes, which
     # mamba-ssm's kernel wants under mixed precision
     delta = F.softplus(delta.float() + bias.float()[None, :, None]).to(delta.dtype)
-    return ops.gap_scaled_delta_B(delta, Bm, gap)
+    return gap_scaled_delta_B(delta, Bm, gap)
 
 
 class DirectionScope(nn.Module):
@@ -150,7 +151,7 @@ class BiMambaMixer(nn.Module):
             return t.view(2, rows, b, L).transpose(1, 2)
         gap = None
         if gaps is not None:  # decay scale 1 + g per token, token order for both directions
-            gap = torch.stack([ops.gap_scale(g) for g in gaps])
+            gap = torch.stack([gap_scale(g) for g in gaps])
         y = fused_selective_scan(u, bel(dt, E), self.A_log, bel(dbl[:, R:R + N], N), bel(dbl[:, R + N:], N),
                                  self.D, z, self.dt_proj.bias, A1=self.A_b_log, D1=self.D_b,
                                  bias1=self.dt_proj_b.bias, gap=gap, softplus=True, a_is_log=True)
@@ -337,11 +338,11 @@ class VisionMamba(TimmHeadMixin, TokenBackbone):
         pos = state.pos
 
         def scatter(t):
-            return None if t is None else ops.scatter_to_sequence(t, pos, state.seq_len)
+            return None if t is None else scatter_to_sequence(t, pos, state.seq_len)
 
         out, residual, importances = self._layer(i, scatter(state.x), scatter(state.residual),
                                                  want=needs & SSM_SIGNALS)
-        out, residual = ops.gather_from_sequence(out, pos), ops.gather_from_sequence(residual, pos)
+        out, residual = gather_from_sequence(out, pos), gather_from_sequence(residual, pos)
         state = state.with_tokens(x=out, residual=residual)
         if hook is None:
             return state

@@ -1,6 +1,6 @@
 """timm registry entries for Vision Mamba: `import tokenprune` then `timm.create_model("vim_small_patch16_224")`.
 
-Entry points go through timm's build_model_with_cfg with a pretrained cfg per model (timm_contract.py):
+Entry points go through timm's build_model_with_cfg with a pretrained cfg per model (registry.py):
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))` or
 `timm.create_model(name, checkpoint_file=PATH)` load an official file strictly; nothing is downloaded.
 The blocks are fx leaves (register_notrace_module): the selective scan is an autograd Function whose shape
@@ -8,33 +8,14 @@ checks and kernel dispatch are Python, which symbolic tracing cannot follow.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
-from .checkpoint import load_checkpoint_file, read_state_dict
-from .timm_contract import build_backbone, official_cfg, quarter_indices
+from .checkpoint import read_state_dict
+from .registry import build_backbone, official_cfg, quarter_indices
 from .vim import VimBlock, VisionMamba, checkpoint_filter_fn
 
 register_notrace_module(VimBlock)
-
-TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def build_with_checkpoint(cls, filter_fn, defaults: dict, pretrained: bool = False,
-                          checkpoint_file: Optional[str] = None, use_ema: bool = False, **kwargs):
-    """Build a model and load a local official-layout file; nothing is ever downloaded."""
-    for key in TIMM_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    if pretrained and not checkpoint_file:
-        raise ValueError(f"{cls.__name__}: pretrained=True needs checkpoint_file=<path to the official .pth>; "
-                         "weights are never downloaded at run time")
-    model = cls(**{**defaults, **kwargs})
-    if checkpoint_file:
-        load_checkpoint_file(model, checkpoint_file, filter_fn, use_ema=use_ema)
-    return model
-
 
 VIM_PAPER = dict(origin_url="https://github.com/hustvl/Vim", license="apache-2.0",
                  paper_name="Vision Mamba: Efficient Visual Representation Learning with Bidirectional State "

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from ..pruning.state import TokenState, initial_state
+from ..compat import vit_pos_embed
+from ..tokens.state import TokenState, initial_state
 from .base import TokenBackbone
 
 
@@ -77,7 +78,7 @@ class TimmViT(TokenBackbone):
 
     def embed(self, images: torch.Tensor) -> TokenState:
         vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        x = vit.norm_pre(vit.patch_drop(vit_pos_embed(vit, vit.patch_embed(images))))
         return initial_state(x, self.grid, special=tuple(range(vit.num_prefix_tokens)),
                              cls_at=0 if self.has_cls else None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .vim_registry import build_with_checkpoint
+from .registry import build_with_checkpoint
 
 
 def _deit(defaults, **kwargs):

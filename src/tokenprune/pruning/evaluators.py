@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state import TokenState
+from ..compat import version_counter
+from ..models.proposal import fold_batchnorm
+from ..tokens import TokenState
 
 
 class Evaluator(nn.Module):
@@ -106,10 +108,9 @@ class PaPrScore(Evaluator):
         """The proposal with conv+BN folded (and channels-last on CUDA), rebuilt when its weights move or change
         (keyed by device, storage and version counters: python attributes, no device read-back)."""
         params = list(self.proposal.parameters()) + list(self.proposal.buffers())
-        key = tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in params)
+        key = tuple((t.device, t.dtype, t.data_ptr(), version_counter(t)) for t in params)
         cached_key, fast = self.__dict__.get("_fast", (None, None))
         if fast is None or cached_key != key:
-            from ..models.proposal import fold_batchnorm
             fast = fold_batchnorm(self.proposal)
             if params and params[0].device.type == "cuda":
                 fast = fast.to(memory_format=torch.channels_last)

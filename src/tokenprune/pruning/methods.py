@@ -5,12 +5,16 @@ argument (or one config line) away: create_model("vim_small_patch16_224", "papr_
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 import timm
 from torch import nn
 
+from ..models.base import TokenBackbone
+from ..models.proposal import build_proposal
+from ..models.vit import TimmViT
 from .evaluators import build_evaluator
 from .stage import BEFORE_ENCODER, PrunedModel, ReductionStage
 
@@ -103,14 +107,11 @@ def resolve_schedule(schedule: Union[str, Sequence[int]], depth: int, reduction_
 
 def as_backbone(backbone: Union[str, nn.Module], allow_plain: bool = False, **model_kwargs) -> nn.Module:
     """A TokenBackbone from a timm name or module (timm ViTs are wrapped)."""
-    from ..models.base import TokenBackbone  # models import pruning.state: import them lazily
-    from ..models.vit import TimmViT
-
     if isinstance(backbone, str):
         if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=False):
             raise ValueError(f"unknown backbone {backbone!r}; tokenprune registers "
                              f"{sorted(n for n in timm.list_models() if n.startswith(('vim_', 'plainmamba')))} "
-                             "and every timm VisionTransformer works")
+                             "and timm VisionTransformer models (that class itself; subclasses are not supported)")
         backbone = timm.create_model(backbone, **model_kwargs)
     if isinstance(backbone, TokenBackbone):
         return backbone
@@ -181,10 +182,19 @@ def _create_model(backbone, method, keep, *, layers, evaluator, reducer, smoothi
                    alignment=spec.alignment if alignment == "default" else alignment,
                    reducer=reducer or spec.reducer)
     ev_name = evaluator or (spec.evaluator or {}).get(family)
+    # a CLS-based evaluator on a backbone without a CLS scores with a stand-in; the run says so (warning) and
+    # the model records it (`evaluator_substitution`), so a report row can name the scorer that really ran
+    requested = ev_name
     if ev_name == "cls_attn" and not bb.has_cls:
         ev_name = "attn_received"
     if ev_name == "cls_similarity" and not bb.has_cls:
         ev_name = "l2"
+    substitution = None
+    if ev_name != requested:
+        substitution = {"requested": requested, "used": ev_name,
+                        "reason": f"{type(bb).__name__} has no CLS token"}
+        warnings.warn(f"method {method!r}: evaluator {requested!r} needs a CLS token and {type(bb).__name__} has "
+                      f"none; its tokens are scored by {ev_name!r} instead", UserWarning, stacklevel=3)
     if spec.alignment is not None:
         if not bb.is_ssm:
             raise ValueError(f"alignment={spec.alignment!r} applies to SSM backbones only, not {type(bb).__name__}")
@@ -194,8 +204,6 @@ def _create_model(backbone, method, keep, *, layers, evaluator, reducer, smoothi
             raise ValueError("alignment='mask' keeps pruned positions in the scan and needs reducer='prune'")
     if spec.reducer == "evit" and not bb.has_cls:
         raise ValueError(f"EViT fusion needs a CLS token; {type(bb).__name__} has none")
-    from ..models.proposal import build_proposal
-
     proposal_net = build_proposal(proposal, proposal_checkpoint) if ev_name == "papr" else None
     metric = reducer_options.pop("metric", spec.metric.get(family))
     options = dict(reducer_options)
@@ -220,4 +228,7 @@ def _create_model(backbone, method, keep, *, layers, evaluator, reducer, smoothi
         stages.append(stage)
     if any(s.layer == BEFORE_ENCODER for s in stages) and spec.reducer not in ("prune",):
         raise ValueError(f"reducer {spec.reducer!r} needs block signals and cannot run before the encoder")
-    return PrunedModel(bb, stages, method=method)
+    model = PrunedModel(bb, stages, method=method)
+    model.evaluator_name = ev_name  # the evaluator every stage runs (None: the reducer needs no scores)
+    model.evaluator_substitution = substitution  # {"requested", "used", "reason"} or None
+    return model

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .state import TokenState
+from ..tokens import TokenState
 
 # The VisionZip paper's LLaVA budget 54 dominant + 10 contextual = 64 tokens: contextual share 10/64.
 VISIONZIP_CONTEXTUAL_SHARE = 10 / 64
@@ -23,16 +23,19 @@ def _joint(state: TokenState) -> torch.Tensor:
 
 def _split(state: TokenState, joint: torch.Tensor, src_index: torch.Tensor, size: torch.Tensor,
            extra_pos: int = 0) -> TokenState:
-    """New state from merged [x, residual] rows; pos/protected follow src_index, `extra_pos` rows are new."""
-    base = state.gather(src_index, cls_index=state.cls_index)
+    """New state from merged [x, residual] rows; pos/protected follow src_index, `extra_pos` rows are new.
+
+    Only pos and protected are gathered: x, residual and size come merged (gathering them too would be two
+    wasted launches per stage, one of them over the whole hidden state)."""
+    pos, protected = state.pos.gather(1, src_index), state.protected.gather(1, src_index)
     if extra_pos:
         B = src_index.shape[0]
-        pos = torch.cat([base.pos, base.pos.new_full((B, extra_pos), -1)], 1)
-        protected = torch.cat([base.protected, base.protected.new_zeros(B, extra_pos)], 1)
-        base = base.with_tokens(pos=pos, protected=protected)
+        pos = torch.cat([pos, pos.new_full((B, extra_pos), -1)], 1)
+        protected = torch.cat([protected, protected.new_zeros(B, extra_pos)], 1)
     D = state.x.shape[-1]
     residual = None if state.residual is None else joint[..., D:].to(state.residual.dtype)
-    return base.with_tokens(x=joint[..., :D].contiguous(), residual=residual, size=size.to(state.size.dtype))
+    return state.with_tokens(x=joint[..., :D].contiguous(), residual=residual, size=size.to(state.size.dtype),
+                             pos=pos, protected=protected)
 
 
 def n_free(state: TokenState) -> int:

@@ -7,9 +7,11 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..compat import feature_take_indices
+from ..models.timm_contract import tokens_to_map
+from ..tokens import TokenState
 from . import ops, reducers
 from .evaluators import Evaluator
-from .state import TokenState
 
 BEFORE_ENCODER = -1  # layer index of the one-step stage that runs between embedding and the first block
 
@@ -181,10 +183,6 @@ class PrunedModel(nn.Module):
         token) are left out. norm=True applies the backbone's final norm. Returns (final-normed map, maps),
         or only the maps with intermediates_only (then the blocks after the last index are not run).
         """
-        from timm.models._features import feature_take_indices
-
-        from ..models.timm_contract import tokens_to_map
-
         bb = self.backbone
         take, max_index = feature_take_indices(bb.num_layers, indices)
         hooks, before = self._schedule()

@@ -1,10 +1,9 @@
 """Ground-truth selective scan: a plain per-step PyTorch loop, autograd by PyTorch.
 
-Deliberately simple (it is what the fast paths are tested against). Per DESIGN §2
-a plain loop is the fastest pure-PyTorch scan on CPU; the sequence is split
-with one ``unbind`` before the loop, because indexing ``x[..., t]`` inside the
-loop makes the backward O(L^2) (every index op's backward writes a full-size
-zero tensor).
+Deliberately simple (it is what the fast paths are tested against): a plain
+per-step loop. The sequence is split with one ``unbind`` before the loop,
+because indexing ``x[..., t]`` inside the loop makes the backward O(L^2) (every
+index op's backward writes a full-size zero tensor).
 """
 import torch
 import torch.nn.functional as F

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from ..compat import jit_tracing_state, set_jit_tracing_state
 from .reference import selective_scan_reference
 
 IMPLS = ("reference", "cpu", "cuda", "triton")
@@ -182,18 +183,18 @@ def _quiet_trace(untraced: bool):
     are constants. ``untraced`` (tracing without grad, as FLOP counting does) stops recording them: that
     took half the time of counting a ViM's FLOPs. With grad the subgraph must see the output made, so the
     ops stay recorded and only the warnings are silenced."""
-    state = torch._C._get_tracing_state()
+    state = jit_tracing_state()
     if state is None:
         yield
         return
     if untraced:
-        torch._C._set_tracing_state(None)
+        set_jit_tracing_state(None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             yield
     finally:
-        torch._C._set_tracing_state(state)
+        set_jit_tracing_state(state)
 
 
 class SelectiveScan(torch.autograd.Function):
@@ -293,7 +294,8 @@ def _interpreting():
 
 
 def scan_flops(L, E, N, with_D):
-    """FLOPs of one selective scan (DESIGN §5): 9·L·E·N, plus L·E for the D term."""
+    """FLOPs of one selective scan, one multiply-add = one FLOP: 9·L·E·N, plus L·E for the D term (the count of
+    ``tokenprune.flops``' scan handle; docs/CONVENTIONS.md, "FLOPs")."""
     return 9 * L * E * N + (L * E if with_D else 0)
 
 

@@ -50,7 +50,8 @@ def kernels():
     return k.scan_fwd, k.scan_bwd
 
 
-# Tile sizes: BE channels x T steps per program. Chosen on an H200 by benchmarks/bench_scan.py --sweep;
+# Tile sizes: BE channels x T steps per program, warps. Untuned defaults (the kernels were verified under Triton's
+# interpreter only); benchmarks/bench_ssm_gpu.py --sweep times others;
 # TOKENPRUNE_SCAN_TILE="BE,T[,warps]" overrides (for sweeps).
 DEFAULT_TILE = (32, 64, 4)
 

@@ -1,13 +1,12 @@
 """Prefill benchmark of a LLaVA model at several visual-token budgets: tokens, FLOPs, time, KV cache.
 
-Everything is a ratio against the unreduced budget measured in the same run (DESIGN.md section 5).
+Everything is a ratio against the unreduced budget measured in the same run (docs/CONVENTIONS.md, "Speed").
 Time to first token = vision tower + reduction + projector + LLM prefill with the logits of the last token;
 the LLM prefill alone is timed too. KV-cache bytes are read from the returned cache. aten ops per time to
 first token (counted with a dispatch mode) tell how much of a small-token prefill is launch overhead on a GPU.
 """
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
@@ -15,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from ..bench.dispatch import OpCounter
+from ..compat import hf_model_from_config
 from .attach import attach
 from .configs import llava15_config
 from .cost import kv_cache_bytes, prefill_flops
@@ -37,7 +38,7 @@ def build_model(real: bool = False, device: str = "cpu", dtype: torch.dtype = to
     from transformers.initialization import no_init_weights
 
     with torch.device(device), no_init_weights():
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
+        model = hf_model_from_config(LlavaForConditionalGeneration, cfg, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -79,19 +80,10 @@ def _cache_bytes(cache) -> Optional[int]:
 
 
 def count_ops(fn) -> int:
-    """aten ops one call runs (a device-free proxy for kernel launches, DESIGN.md section 6)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
+    """aten ops one call runs (a device-free proxy for kernel launches, docs/CONVENTIONS.md)."""
+    with OpCounter() as counter:
         fn()
-    return Counter.n
+    return counter.total
 
 
 def _once(fn, device: str) -> float:
@@ -167,11 +159,15 @@ def markdown_table(rows: List[dict]) -> str:
 
 
 def environment(model) -> str:
+    """One line naming where the benchmark ran (machine facts from tokenprune.bench.throughput.machine_info)."""
     p = next(model.parameters())
     import transformers
 
-    dev = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else platform.processor() or "cpu"
-    return (f"device {p.device} ({dev}), dtype {p.dtype}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, threads {torch.get_num_threads()}")
+    from ..bench.throughput import machine_info
+
+    info = machine_info(p.device)
+    dev = info["gpu"] if info["gpu"] is not None else info["cpu"]
+    return (f"device {info['device']} ({dev}), dtype {p.dtype}, torch {info['torch']}, transformers "
+            f"{transformers.__version__}, threads {info['torch_threads']}")
 
 

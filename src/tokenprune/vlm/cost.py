@@ -1,4 +1,4 @@
-"""Analytic prefill cost of a LLaVA model: FLOPs (one multiply-add = one FLOP, as DESIGN.md section 5) and KV-cache
+"""Analytic prefill cost of a LLaVA model: FLOPs (one multiply-add = one FLOP, docs/CONVENTIONS.md) and KV-cache
 bytes, from the config alone.
 
 Vision tower (CLIP, every tile, all L_v layers run; T = P + 1 tokens of width D_v, MLP width F_v, patch p):

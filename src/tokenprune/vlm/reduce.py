@@ -6,7 +6,7 @@ projector and the LLM get (N, budget, D) and, for each, the grid index of the pa
 
 Methods (a preset of evaluator + reducer; the evaluator can be overridden by name):
 - visionzip: dominant = the CLS + top tokens by CLS attention, contextual = merged by key similarity
-  (DESIGN.md section 4; the CLS is one of the dominant tokens, as in the official code), order dominant then
+  (the CLS is one of the dominant tokens, as in the official VisionZip code), order dominant then
   contextual;
 - cls_attn / l2 / random: keep the top `budget` patches by that evaluator, in their original order;
 - tome: ToMe bipartite merging on the keys, repeated (at most half the tokens per round) down to the budget,
@@ -23,7 +23,7 @@ import torch
 
 from ..pruning import ops, reducers
 from ..pruning.evaluators import build_evaluator
-from ..pruning.state import initial_state
+from ..tokens.state import initial_state
 
 # method -> (evaluator, reducer)
 METHODS: Dict[str, Tuple[Optional[str], str]] = {

@@ -1,11 +1,14 @@
 """Pure tensor algorithms for token reduction; they know nothing of backbones.
 
+The sequence ops that backbones use too (gaps, alignment, value checks) live in `tokenprune.tokens` and
+are re-exported here.
+
 All functions are batched with the same token count in every row. Index tensors are long; where order
 must be preserved, indices are ascending. Invalid arguments raise ValueError naming the value.
 """
-from .alignment import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order, scan_gaps,
+from ...tokens.sequence import (gap_scale, gap_scaled_delta_B, gather_from_sequence, restricted_order, scan_gaps,
                         scan_gaps_unordered, scatter_to_sequence)
-from .checks import check_values, value_checks
+from ...tokens.checks import check_values, value_checks
 from .evit import evit_fuse, evit_reduce, evit_select
 from .grid import gather_from_grid, scatter_to_grid
 from .pumer import pumer_reduce

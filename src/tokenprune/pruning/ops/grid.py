@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from .checks import check_values
+from ...tokens.checks import check_values
 
 
 def _check_grid(grid) -> Tuple[int, int]:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_values
+from ...tokens.checks import check_values
 
 
 def _check_keep(keep) -> float:

@@ -14,7 +14,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .checks import check_values
+from ...tokens.checks import check_values
+from ...tokens.state import static_index
 
 
 def _identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -94,7 +95,8 @@ def bipartite_soft_matching(
         unm_idx = edge_idx[:, r:].sort(dim=1).values  # (B, Ta - r), original relative order
         src_idx = edge_idx[:, :r]  # (B, r)
         dst_idx = node_idx.gather(1, src_idx)  # (B, r)
-        src_index = torch.cat([2 * unm_idx, 2 * torch.arange(Tb, device=dev).expand(B, Tb) + 1], dim=1)
+        odd = static_index(("tome_odd", Tb), dev, lambda d: 2 * torch.arange(Tb, device=d) + 1)  # B positions
+        src_index = torch.cat([2 * unm_idx, odd.expand(B, Tb)], dim=1)
 
     @_as3d
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:

@@ -20,7 +20,7 @@ class TokenState:
     size: torch.Tensor  # (B, T) float: original patches each token stands for
     protected: torch.Tensor  # (B, T) bool: never dropped or merged (CLS, registers)
     grid: Tuple[int, int]  # (H, W) patch grid
-    patch_offset: torch.Tensor = None  # (seq_len,) long: sequence index -> grid index (-1 for non-patch)
+    seq_to_grid: torch.Tensor = None  # (seq_len,) long lookup: sequence index -> grid index (-1 for non-patch)
     residual: Optional[torch.Tensor] = None  # (B, T, D) fp32 residual stream (ViM)
     cls_index: Optional[int] = None  # where the CLS sits in the current sequence
     seq_len: int = 0  # length of the original sequence (for gap counts)
@@ -39,7 +39,7 @@ class TokenState:
     def patch_index(self) -> torch.Tensor:
         """Grid index (0..H*W-1) of each token; -1 for CLS, registers and fused extra tokens."""
         safe = self.pos.clamp(min=0)
-        idx = self.patch_offset[safe]
+        idx = self.seq_to_grid[safe]
         return torch.where(self.pos >= 0, idx, torch.full_like(idx, -1))
 
     def gather(self, idx: torch.Tensor, cls_index: Optional[int] = None) -> "TokenState":
@@ -121,7 +121,7 @@ def _special_mask(j: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
     return mask
 
 
-def grid_offsets(seq_len: int, special: Sequence[int], device=None) -> torch.Tensor:
+def seq_to_grid_lookup(seq_len: int, special: Sequence[int], device=None) -> torch.Tensor:
     """Map sequence index -> grid index when the non-patch tokens sit at the sequence indices `special`.
 
     Built on `device` from an arange (no CPU tensor copied per forward)."""
@@ -143,7 +143,7 @@ def initial_state(x: torch.Tensor, grid: Tuple[int, int], special: Sequence[int]
     protected = static_index(("special", T, special), x.device,
                              lambda d: _special_mask(torch.arange(T, device=d), special)).unsqueeze(0).expand(B, -1)
     size = torch.ones(B, T, device=x.device, dtype=torch.float32)
-    offsets = static_index(("offsets", T, special), x.device, lambda d: grid_offsets(T, special, d))
+    lookup = static_index(("seq_to_grid", T, special), x.device, lambda d: seq_to_grid_lookup(T, special, d))
     return TokenState(x=x, pos=pos, size=size, protected=protected, grid=grid,
-                      patch_offset=offsets, residual=residual,
+                      seq_to_grid=lookup, residual=residual,
                       cls_index=cls_at, seq_len=T, n_protected=len(set(int(v) for v in special)))
