@@ -14,6 +14,7 @@ import torch
 
 import tokenprune  # noqa: F401  (registers the models)
 from tokenprune.ssm import scan_impl
+from tokenprune.ssm.fused_norm import add_rms_norm
 from tokenprune.ssm.fused_ops import conv1d_silu, fused_selective_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +100,41 @@ def test_vim_forward_runs_on_meta_through_the_fake_implementations():
     with torch.no_grad():
         out = model(x)
     assert out.shape == (2, model.num_classes) and out.device.type == "meta"
+
+
+def test_add_rms_norm_fake_shapes_and_dtypes_on_meta():
+    h = torch.empty(2, 5, 24, device="meta", dtype=torch.bfloat16)
+    y, r = add_rms_norm(h, torch.empty(2, 5, 24, device="meta"), torch.empty(24, device="meta"),
+                        out_dtype=torch.bfloat16)
+    assert y.shape == r.shape == (2, 5, 24) and y.dtype == torch.bfloat16 and r.dtype == torch.float32
+    y, r = add_rms_norm(h, None, torch.empty(24, device="meta"))
+    assert y.dtype == torch.float32  # the weight's dtype by default
+
+
+@pytest.mark.parametrize("h, residual, weight, message", [
+    ((2, 5, 24), (2, 5, 23), (24,), r"residual has shape \(2, 5, 23\), expected h's \(2, 5, 24\)"),
+    ((2, 5, 24), None, (23,), r"weight has shape \(23,\), expected \(24,\)"),
+    ((24,), None, (24,), r"h must be \(..., D\) with D > 0, got shape \(24,\)"),
+])
+def test_bad_add_rms_norm_input_is_a_clear_error(h, residual, weight, message):
+    with pytest.raises(ValueError, match=message):
+        add_rms_norm(torch.empty(h), None if residual is None else torch.empty(residual), torch.empty(weight))
+    with pytest.raises(ValueError, match="h has dtype torch.float64"):
+        add_rms_norm(torch.empty(2, 3, dtype=torch.float64), None, torch.empty(3))
+
+
+def test_vim_block_is_at_most_ten_kernels_on_the_gpu_path():
+    """ViM-S on `meta` dispatches as on a GPU (fused mixer, fused add + norm): kernel-level ops per forward, the
+    launch proxy of the SSM issue (goal: at most 15 per block; 15.4 before the fused add + norm, 9.2 after)."""
+    from tokenprune.bench.dispatch import NO_KERNEL, OpCounter
+    from tokenprune.tokens import value_checks
+    model = timm.create_model("vim_small_patch16_224").to("meta").eval()
+    with torch.no_grad(), value_checks("never"), OpCounter() as ops:
+        model(torch.empty(2, 3, 224, 224, device="meta"))
+    kernels = sum(n for op, n in ops.by_op.items() if op not in NO_KERNEL)
+    assert ops.by_op["add_rms_norm_fwd"] == 25 and ops.by_op["scan_fwd"] == 24  # 24 blocks + the final norm
+    assert "rsqrt" not in ops.by_op and "pow" not in ops.by_op
+    assert kernels <= 10 * 24, f"{kernels} kernels per ViM-S forward"
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fused Triton scan and conv ops (``tokenprune.ssm.fused_ops``) against float64 references, forward and
+"""The fused Triton scan, conv and add + RMSNorm ops (``tokenprune.ssm.fused_ops``) against float64 references, forward and
 backward, every optional input; exits 1 on a mismatch.
 
 Run with TRITON_INTERPRET=1 on CPU (tests/test_fused_ops.py does) or as is on a GPU:
@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from tokenprune.ssm.fused_norm import add_rms_norm
 from tokenprune.ssm.fused_ops import conv1d_silu, fused_selective_scan
 from tokenprune.ssm.reference import selective_scan_reference
 
@@ -139,16 +140,48 @@ def check_conv(ndir, b, E, L, kind, dtype, device, seed):
     return errs
 
 
+# (rows shape, D, with residual, h dtype, out dtype): D not a power of 2, rows not a multiple of the rows per
+# program, the first block (no residual), bf16 in / bf16 out as under autocast
+NORM = [((2, 13), 24, True, torch.float32, torch.float32), ((3, 5), 40, False, torch.float32, torch.float32),
+        ((2, 7), 24, True, torch.bfloat16, torch.bfloat16), ((1, 3), 1000, True, torch.float32, torch.bfloat16)]
+
+
+def check_norm(shape, D, with_res, dtype, out_dtype, device, seed):
+    """add_rms_norm's two outputs and its gradients (h, residual, weight) against float64 torch."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, D, generator=g).to(dtype).to(device).requires_grad_()
+    res = (torch.randn(*shape, D, generator=g) * 2).to(device).requires_grad_() if with_res else None
+    w = (1 + 0.3 * torch.randn(D, generator=g)).to(device).requires_grad_()
+    y, r = add_rms_norm(h, res, w, 1e-5, out_dtype)
+    gy, gr = torch.randn(y.shape, generator=g).to(device), torch.randn(r.shape, generator=g).to(device)
+    (y.float() * gy).sum().add((r * gr).sum()).backward()
+    h64 = h.detach().double().requires_grad_()
+    r64 = res.detach().double().requires_grad_() if with_res else None
+    w64 = w.detach().double().requires_grad_()
+    rr = h64 if r64 is None else h64 + r64
+    yy = rr * torch.rsqrt(rr.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    (yy * gy.double()).sum().add((rr * gr.double()).sum()).backward()
+    errs = {"y": rel_err(y, yy), "residual": rel_err(r, rr), "dh": rel_err(h.grad, h64.grad),
+            "dw": rel_err(w.grad, w64.grad)}
+    if with_res:
+        errs["dres"] = rel_err(res.grad, r64.grad)
+    if y.dtype != out_dtype or r.dtype != torch.float32:
+        errs["dtype"] = float("inf")
+    return errs
+
+
 def check_compile(device):
     """torch.compile (fullgraph, aot_eager: fake-tensor tracing through the fake implementations and the
-    registered autograd) and torch.export give the eager values and gradients."""
+    registered autograd) and torch.export give the eager values and gradients (scan, conv, add + norm)."""
     case = (2, 2, 6, 16, 37, "all", "ebl", torch.float32)
     x = make(*case, device, 5)
 
     def f(u, dt, A0, A1, B, C, z, w0, b0):
         uu = conv1d_silu(u[0], w0, b0, w0, b0)
-        return fused_selective_scan(uu, dt, A0, B, C, x["D0"], z, x["bias0"], A1=A1, D1=x["D1"],
-                                    bias1=x["bias1"], gap=x["gap"], softplus=True, a_is_log=True)
+        y = fused_selective_scan(uu, dt, A0, B, C, x["D0"], z, x["bias0"], A1=A1, D1=x["D1"],
+                                 bias1=x["bias1"], gap=x["gap"], softplus=True, a_is_log=True)
+        y, r = add_rms_norm(y, z, b0.new_ones(y.shape[-1]) + 0.1 * dt[0, 0, 0])  # the add + norm op too
+        return y + r
     w0 = torch.randn(6, 1, 4).to(device)
     b0 = torch.randn(6).to(device)
     names = ("u", "dt", "A0", "A1", "B", "C", "z")
@@ -187,6 +220,15 @@ def main():
             failed |= not worst <= tol
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
             print(f"{what} {case[:7]} {str(case[7]).split('.')[-1]}: worst {worst:.2e} (tol {tol:g}) [{detail}]")
+    for i, case in enumerate(NORM if args.cases == "small" else NORM[:2] + [((64, 197), 384, True,
+                                                                             torch.bfloat16, torch.bfloat16)]):
+        errs = check_norm(*case, args.device, 40 + i)
+        worst = max(errs.values())
+        tol = TOL[case[3]] if case[4] == torch.float32 else TOL[torch.bfloat16]
+        failed |= not worst <= tol
+        detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+        print(f"add_rms_norm {case[:3]} {str(case[3]).split('.')[-1]}->{str(case[4]).split('.')[-1]}: "
+              f"worst {worst:.2e} (tol {tol:g}) [{detail}]")
     errs = check_compile(args.device)
     worst = max(errs.values())
     failed |= not worst <= 1e-5

@@ -18,6 +18,7 @@ from torch import nn
 from ..tokens.sequence import gap_scale, gap_scaled_delta_B, gather_from_sequence, scatter_to_sequence
 from ..tokens.state import TokenState, initial_state
 from ..ssm import get_scan_impl, selective_scan
+from ..ssm.fused_norm import add_rms_norm
 from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
 from ..ssm.scan import _record, disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
@@ -36,6 +37,28 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return out.to(x.dtype)
+
+
+def add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
+             out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + h), residual + h in fp32), the official pre-norm step (residual None: the first block).
+
+    Where the scan runs on Triton (GPUs, and `meta` tensors) the add and the norm are one fused kernel
+    (ssm/fused_norm.py) whose output is already in the dtype the mixer's matmul takes under autocast (the same
+    rounding the matmul's cast would apply); elsewhere the ops of the official code, in fp32."""
+    if get_scan_impl(h) == "triton":
+        try:
+            if out_dtype is None:
+                dev = h.device.type
+                autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+                out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
+            return add_rms_norm(h, residual, norm.weight, norm.eps, out_dtype)
+        except triton_build_errors() as exc:
+            if get_scan_impl() != "auto":
+                raise
+            disable_triton(exc)  # and run the unfused ops below
+    residual = h if residual is None else residual + h
+    return norm(residual.to(norm.weight.dtype)), residual.float()
 
 
 def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -169,9 +192,7 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, h, residual, gaps=None, want: AbstractSet[str] = frozenset()):
-        residual = h if residual is None else residual + self.drop_path(h)
-        h = self.norm(residual.to(self.norm.weight.dtype))
-        residual = residual.float()
+        h, residual = add_norm(self.norm, h if residual is None else self.drop_path(h), residual)
         out, importances = self.mixer(h, gaps=gaps, want=want)
         return out, residual, importances
 
@@ -261,8 +282,8 @@ class VisionMamba(TimmHeadMixin, TokenBackbone):
         return self.pos_drop(x + self.pos_embed)
 
     def _final_norm(self, h: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        residual = h if residual is None else residual + self.layers[-1].drop_path(h)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        h = h if residual is None else self.layers[-1].drop_path(h)
+        return add_norm(self.norm_f, h, residual, out_dtype=self.norm_f.weight.dtype)[0]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Final-normed tokens (B, N + 1, D), CLS at `cls_position` (the same ops as the token interface,
