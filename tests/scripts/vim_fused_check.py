@@ -1,8 +1,10 @@
-"""ViM's fused mixer path (Triton ops) against the per-direction reference path: logits and every gradient of
-the unpruned model, and the logits of hidden-state-aligned pruning (gap-aware decay fused in the scan);
-prints OK on the last line or exits 1.
+"""The fused GPU mixer path (Triton ops) of ViM or PlainMamba against the per-direction / per-scan reference
+path: logits and every gradient of the unpruned model, and the logits of hidden-state-aligned pruning (gap-aware
+decay fused in the scan) and of plain pruning (scans restricted to the kept tokens); prints OK on the last line
+or exits 1.
 
     TRITON_INTERPRET=1 python tests/scripts/vim_fused_check.py            # CPU: a 2-block ViM-micro
+    TRITON_INTERPRET=1 python tests/scripts/vim_fused_check.py --model plainmamba_test_32
     python tests/scripts/vim_fused_check.py --device cuda --model vim_tiny_patch16_224
 """
 import argparse
@@ -53,6 +55,14 @@ def main():
         with scan_impl("triton"):
             p_fus = pruned(x)
     errs["hsa_logits"] = ((p_fus - p_ref).abs().max() / p_ref.abs().max().clamp(min=1)).item()
+    # plain pruning (no gap-aware decay): the scans restricted to the kept tokens
+    pruned = tokenprune.create_model(model, "l2", keep=0.7).to(args.device).eval()
+    with torch.no_grad():
+        with scan_impl("reference"):
+            p_ref = pruned(x)
+        with scan_impl("triton"):
+            p_fus = pruned(x)
+    errs["l2_logits"] = ((p_fus - p_ref).abs().max() / p_ref.abs().max().clamp(min=1)).item()
     counts = scan_impl_report()["counts"]
     print(" ".join(f"{k}={v:.2e}" for k, v in errs.items()), f"params with grads: {len(g_ref)}",
           f"scan impl counts {counts}")

@@ -35,7 +35,9 @@ from ..compat import feature_take_indices
 from torch import nn
 
 from ..tokens.state import TokenState, initial_state
-from ..ssm import selective_scan
+from ..ssm import get_scan_impl, selective_scan
+from ..ssm.fused_ops import fused_selective_scan
+from ..ssm.scan import _record, disable_triton, triton_build_errors
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
@@ -83,6 +85,17 @@ def _from_grid(x: torch.Tensor, grid_index: Optional[torch.Tensor]) -> torch.Ten
     B, C, H, W = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
     return flat if grid_index is None else take(flat, grid_index)
+
+
+def _matmul_cm(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear applied to channel-major x (b, C_in, T) -> (b, C_out, T): one batched matmul with the weight
+    broadcast over the batch (bias in the same kernel), and any (b, C, T) strides of x (a transposed
+    token-major tensor is read as it is)."""
+    b = x.shape[0]
+    w = linear.weight.expand(b, -1, -1)
+    if linear.bias is None:
+        return torch.bmm(w, x)
+    return torch.baddbmm(linear.bias[None, :, None], w, x)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -198,9 +211,63 @@ class PlainMamba2D(nn.Module):
             return y.index_select(1, self.order_inverse[k])
         return take(y, ctx["unvisit"][k])
 
+    # -- the GPU path ---------------------------------------------------------------------------------------
+    def _forward_fused(self, x: torch.Tensor, ctx: Optional[ScanContext]) -> torch.Tensor:
+        """The same mixer on the fused Triton scan, channel-major from the conv on: the conv's (b, E, H, W)
+        output is the (b, E, L) layout the scan reads (unit stride along L), x_proj and dt_proj are batched
+        matmuls that keep it (dt_proj's bias added in the same kernel), B/C are views of x_proj's output, the
+        direction-aware B of all four orders comes from one lookup, A = -exp(A_log), Δ bias + softplus and the
+        D skip are fused in the scan, and gap-aware decay is the scan's `gap` input (B unscaled). No transposed
+        copies of dt/B/C or of each scan's input and output, as the per-scan path makes."""
+        if not torch.compiler.is_compiling():
+            _record("triton")  # scan_impl_report() tells which scan ran
+        b, T, D = x.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        H, W = self.grid
+        xz = _matmul_cm(self.in_proj, x.transpose(1, 2))  # (b, 2E, T), channel-major
+        xs, z = xz[:, :E], xz[:, E:]
+        if ctx is None:
+            grid = xs.view(b, E, H, W)
+        else:  # the current tokens on the zero-filled grid
+            grid = xs.new_zeros(b, E, H * W).scatter_(2, ctx["pos"].unsqueeze(1).expand(b, E, T), xs)
+            grid = grid.view(b, E, H, W)
+        u = F.silu(self.conv2d(grid)).flatten(2)  # (b, E, H*W)
+        if ctx is not None:  # back to the current tokens
+            u = u.gather(2, ctx["pos"].unsqueeze(1).expand(b, E, T))
+        dbl = _matmul_cm(self.x_proj, u)  # (b, R + 2N, T)
+        dt = _matmul_cm(self.dt_proj, dbl[:, :R])  # (b, E, T): the bias is added here and again in the scan
+        Bm, Cm = dbl[:, R:R + N], dbl[:, R + N:]
+        # the direction-aware part of B for all four orders in one lookup: (4, N, L), or (4, b, N, T) when pruned
+        dB = self.direction_Bs[self.order_labels if ctx is None else ctx["labels"]].transpose(-1, -2)
+        ys = None
+        for k in range(NUM_ORDERS):
+            if ctx is None:
+                u_k = u.index_select(2, self.orders[k])
+                B_k, gap = Bm + dB[k].to(Bm.dtype), None
+            else:
+                scan: RestrictedScan = ctx["scans"][k]
+                u_k = u.gather(2, scan.perm.unsqueeze(1).expand(b, E, T))
+                B_k = Bm + dB[k].to(Bm.dtype)
+                gap = None if scan.gaps is None else ctx["gap_scale"][k]
+            y = fused_selective_scan(u_k.unsqueeze(0), dt.unsqueeze(0), self.A_log, B_k.unsqueeze(0),
+                                     Cm.unsqueeze(0), self.D, None, self.dt_proj.bias, gap=gap, softplus=True,
+                                     a_is_log=True)  # (b, E, T) in scan-step order
+            y = (y.index_select(2, self.order_inverse[k]) if ctx is None
+                 else y.gather(2, scan.inverse.unsqueeze(1).expand(b, E, T)))
+            ys = y if ys is None else ys + y
+        gated = ys * F.silu(z)  # (b, E, T)
+        return _matmul_cm(self.out_proj, gated).transpose(1, 2)  # (b, T, D) view of the (b, D, T) product
+
     def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want: AbstractSet[str] = frozenset()):
         """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned.
         Returns the output and the SSM importances named in ``want`` ((b, T) each, token order)."""
+        if not want and get_scan_impl(x) == "triton":
+            try:
+                return self._forward_fused(x, ctx), {}
+            except triton_build_errors() as exc:
+                if get_scan_impl() != "auto":
+                    raise
+                disable_triton(exc)  # and run the per-scan path below
         grid_index = None if ctx is None else ctx["grid_index"]
         xz = self.in_proj(x)
         A = -torch.exp(self.A_log.float())
@@ -415,7 +482,10 @@ class PlainMamba(TimmHeadMixin, TokenBackbone):
         T = pos.shape[1]
         scans = restricted_scans(pos, mixer.order_inverse, mixer.order_labels)
         return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": scans,
-                "visit": [flat_index(s.perm, T) for s in scans], "unvisit": [flat_index(s.inverse, T) for s in scans]}
+                "visit": [flat_index(s.perm, T) for s in scans], "unvisit": [flat_index(s.inverse, T) for s in scans],
+                # the fused scan's decay scale 1 + gap per step, (1, B, T): built once, not once per block
+                "gap_scale": [(1.0 + s.gaps.float()).unsqueeze(0) for s in scans],
+                "labels": torch.stack([s.labels for s in scans])}  # (4, B, T): one direction_Bs lookup per block
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()
