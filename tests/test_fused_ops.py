@@ -218,3 +218,26 @@ def test_bf16_autocast_runs_the_scan_in_bf16_and_stays_close():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+def test_a_kernel_that_does_not_build_falls_back_to_the_unfused_ops(monkeypatch):
+    """on_triton (the fused paths' gate): a build error under automatic dispatch switches Triton off with a
+    warning and returns None (the caller runs its unfused ops); a configured "triton" raises it."""
+    from triton.runtime.errors import OutOfResources
+
+    from tokenprune.ssm import scan as scan_mod
+
+    def fails():
+        raise OutOfResources(1, 0, "shared memory")
+
+    monkeypatch.setitem(scan_mod._cache, "triton", True)
+    monkeypatch.delenv("TOKENPRUNE_SCAN", raising=False)  # automatic dispatch
+    monkeypatch.setitem(scan_mod._state, "default", None)
+    x = torch.empty(2, 3, device="meta")  # resolves to "triton" as on a GPU
+    assert scan_mod.on_triton(x, lambda: "fused") == "fused"
+    with scan_impl("triton"), pytest.raises(OutOfResources):
+        scan_mod.on_triton(x, fails)
+    with pytest.warns(RuntimeWarning, match="failed to build on this device"):
+        assert scan_mod.on_triton(x, fails) is None
+    assert scan_mod.triton_available() is False  # a CUDA tensor now resolves to mamba-ssm or the loop
+    assert scan_mod.on_triton(torch.empty(2, 3), lambda: "fused") is None  # CPU: the numba scan, no fused path

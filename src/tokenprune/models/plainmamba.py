@@ -35,9 +35,9 @@ from ..compat import feature_take_indices
 from torch import nn
 
 from ..tokens.state import TokenState, initial_state
-from ..ssm import get_scan_impl, selective_scan
+from ..ssm import selective_scan
 from ..ssm.fused_ops import fused_selective_scan
-from ..ssm.scan import _record, disable_triton, triton_build_errors
+from ..ssm.scan import _record, on_triton
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
@@ -261,13 +261,9 @@ class PlainMamba2D(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want: AbstractSet[str] = frozenset()):
         """x (b, T, D) in raster order of the current tokens; ctx None = all H*W tokens, unpruned.
         Returns the output and the SSM importances named in ``want`` ((b, T) each, token order)."""
-        if not want and get_scan_impl(x) == "triton":
-            try:
-                return self._forward_fused(x, ctx), {}
-            except triton_build_errors() as exc:
-                if get_scan_impl() != "auto":
-                    raise
-                disable_triton(exc)  # and run the per-scan path below
+        fused = None if want else on_triton(x, self._forward_fused, x, ctx)
+        if fused is not None:
+            return fused, {}
         grid_index = None if ctx is None else ctx["grid_index"]
         xz = self.in_proj(x)
         A = -torch.exp(self.A_log.float())

@@ -17,10 +17,10 @@ from torch import nn
 
 from ..tokens.sequence import gap_scale, gap_scaled_delta_B, gather_from_sequence, scatter_to_sequence
 from ..tokens.state import TokenState, initial_state
-from ..ssm import get_scan_impl, selective_scan
+from ..ssm import selective_scan
 from ..ssm.fused_norm import add_rms_norm
 from ..ssm.fused_ops import conv1d_silu, fused_selective_scan
-from ..ssm.scan import _record, disable_triton, triton_build_errors
+from ..ssm.scan import _record, on_triton
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 
@@ -46,17 +46,13 @@ def add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
     Where the scan runs on Triton (GPUs, and `meta` tensors) the add and the norm are one fused kernel
     (ssm/fused_norm.py) whose output is already in the dtype the mixer's matmul takes under autocast (the same
     rounding the matmul's cast would apply); elsewhere the ops of the official code, in fp32."""
-    if get_scan_impl(h) == "triton":
-        try:
-            if out_dtype is None:
-                dev = h.device.type
-                autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-                out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
-            return add_rms_norm(h, residual, norm.weight, norm.eps, out_dtype)
-        except triton_build_errors() as exc:
-            if get_scan_impl() != "auto":
-                raise
-            disable_triton(exc)  # and run the unfused ops below
+    if out_dtype is None:
+        dev = h.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
+    fused = on_triton(h, add_rms_norm, h, residual, norm.weight, norm.eps, out_dtype)
+    if fused is not None:
+        return fused
     residual = h if residual is None else residual + h
     return norm(residual.to(norm.weight.dtype)), residual.float()
 
@@ -128,13 +124,9 @@ class BiMambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, gaps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 want: AbstractSet[str] = frozenset()):
         """Mixer output (b, L, D) and the SSM importances named in ``want`` (each (b, L), token order)."""
-        if not want and get_scan_impl(h) == "triton":
-            try:
-                return self._forward_fused(h, gaps), {}
-            except triton_build_errors() as exc:
-                if get_scan_impl() != "auto":
-                    raise
-                disable_triton(exc)  # and run the per-direction path below
+        fused = None if want else on_triton(h, self._forward_fused, h, gaps)
+        if fused is not None:
+            return fused, {}
         h_t = h.transpose(1, 2)  # (b, D, L)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)  # official split of in_proj: x first, then z
         x, z = torch.matmul(w_x, h_t), torch.matmul(w_z, h_t)  # (b, E, L) each, contiguous

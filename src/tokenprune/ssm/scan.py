@@ -141,6 +141,22 @@ def disable_triton(exc):
     _cache["triton"] = False
 
 
+def on_triton(x, fn, *args, **kwargs):
+    """fn(*args, **kwargs) when the scan for tensor x resolves to "triton" (a model's fused GPU path), else None.
+
+    Also None when fn's Triton kernels fail to build on this device under automatic dispatch: Triton is then
+    switched off (disable_triton) and the caller runs its unfused ops; a configured "triton" raises."""
+    if get_scan_impl(x) != "triton":
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except triton_build_errors() as exc:
+        if get_scan_impl() != "auto":
+            raise
+        disable_triton(exc)
+        return None
+
+
 def numba_available():
     if "numba" not in _cache:
         try:
