@@ -17,6 +17,17 @@ import tokenprune
 from tokenprune.ssm import scan_impl, scan_impl_report
 
 
+def pruned_error(pruned, x):
+    """Relative logits error of a pruned model on the fused path against the reference path."""
+    pruned = pruned.to(x.device).eval()
+    with torch.no_grad():
+        with scan_impl("reference"):
+            ref = pruned(x)
+        with scan_impl("triton"):
+            fused = pruned(x)
+    return ((fused - ref).abs().max() / ref.abs().max().clamp(min=1)).item()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -48,21 +59,9 @@ def main():
                      for k in g_ref if k in g_fus)
     errs["grads"] = worst_grad
     layers = [0] if len(model.layers) < 6 else None  # prune after block 0: block 1 runs with gaps
-    pruned = tokenprune.create_model(model, "hsa", keep=0.7, layers=layers).to(args.device).eval()
-    with torch.no_grad():
-        with scan_impl("reference"):
-            p_ref = pruned(x)
-        with scan_impl("triton"):
-            p_fus = pruned(x)
-    errs["hsa_logits"] = ((p_fus - p_ref).abs().max() / p_ref.abs().max().clamp(min=1)).item()
+    errs["hsa_logits"] = pruned_error(tokenprune.create_model(model, "hsa", keep=0.7, layers=layers), x)
     # plain pruning (no gap-aware decay): the scans restricted to the kept tokens
-    pruned = tokenprune.create_model(model, "l2", keep=0.7).to(args.device).eval()
-    with torch.no_grad():
-        with scan_impl("reference"):
-            p_ref = pruned(x)
-        with scan_impl("triton"):
-            p_fus = pruned(x)
-    errs["l2_logits"] = ((p_fus - p_ref).abs().max() / p_ref.abs().max().clamp(min=1)).item()
+    errs["l2_logits"] = pruned_error(tokenprune.create_model(model, "l2", keep=0.7), x)
     counts = scan_impl_report()["counts"]
     print(" ".join(f"{k}={v:.2e}" for k, v in errs.items()), f"params with grads: {len(g_ref)}",
           f"scan impl counts {counts}")
