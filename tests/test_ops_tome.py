@@ -134,3 +134,17 @@ def test_errors():
         bipartite_soft_matching(torch.rand(6, 4), 1)
     with pytest.raises(ValueError, match="protected"):
         bipartite_soft_matching(hand_metric(), 1, protected=torch.zeros(1, 5, dtype=torch.bool))
+
+
+def test_merge_wavg_in_one_merge_equals_two_merges_to_the_bit():
+    """x and size merged together (same dtype) give exactly what merging them separately gives."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 41, 24, generator=g)
+    size = torch.randint(1, 9, (3, 41), generator=g).float()
+    merge, _, _ = bipartite_soft_matching(torch.randn(3, 41, 8, generator=g), r=15)
+    merged, merged_size = merge_wavg(merge, x, size)
+    want_sum, want_size = merge(x * size[..., None], mode="sum"), merge(size, mode="sum")
+    assert torch.equal(merged_size, want_size)
+    assert torch.equal(merged, want_sum / want_size[..., None])
+    half, half_size = merge_wavg(merge, x.bfloat16(), size)  # dtypes differ: two merges, sizes stay fp32
+    assert half.dtype == torch.bfloat16 and torch.equal(half_size, want_size)

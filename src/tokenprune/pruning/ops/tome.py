@@ -132,8 +132,14 @@ def merge_wavg(
     """
     if size is None:
         size = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-    x_sum = merge(x * size[..., None], mode="sum")
-    size = merge(size, mode="sum")
+    if x.dtype == size.dtype:
+        # one merge for both (three launches fewer per layer): the sums run per column in the same order, so
+        # the result is the same to the bit; not in a narrower dtype, where sizes past 256 would round
+        joint = merge(torch.cat([x * size[..., None], size[..., None]], dim=-1), mode="sum")
+        x_sum, size = joint[..., :-1], joint[..., -1]
+    else:
+        x_sum = merge(x * size[..., None], mode="sum")
+        size = merge(size, mode="sum")
     return (x_sum / size[..., None]).to(x.dtype), size
 
 
