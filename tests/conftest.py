@@ -15,6 +15,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def proposal():
+    """The PaPr proposal ConvNet of the test-sized backbones (seeded: the same weights in every module)."""
+    import timm
+
+    import tokenprune  # noqa: F401  (registers the model in timm)
+    torch.manual_seed(1)
+    return timm.create_model("papr_convnet_micro").eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -36,12 +36,6 @@ def bases():
     return {k: timm.create_model(v).eval() for k, v in BACKBONES.items()}
 
 
-@pytest.fixture(scope="module")
-def proposal():
-    torch.manual_seed(1)
-    return timm.create_model("papr_convnet_micro").eval()
-
-
 def build(bases, proposal, backbone, method, keep=0.6):
     return tokenprune.create_model(bases[backbone], method, keep=keep if method else 1.0, proposal=proposal).eval()
 

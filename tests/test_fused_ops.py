@@ -125,31 +125,32 @@ def test_bad_add_rms_norm_input_is_a_clear_error(h, residual, weight, message):
         add_rms_norm(torch.empty(2, 3, dtype=torch.float64), None, torch.empty(3))
 
 
-def test_vim_block_is_at_most_ten_kernels_on_the_gpu_path():
-    """ViM-S on `meta` dispatches as on a GPU (fused mixer, fused add + norm): kernel-level ops per forward, the
-    launch proxy of the SSM issue (goal: at most 15 per block; 15.4 before the fused add + norm, 9.2 after)."""
-    from tokenprune.bench.dispatch import NO_KERNEL, OpCounter
+def _meta_forward(name):
+    """(model, OpCounter) of one batch-2 forward on `meta`, which dispatches as on a GPU (the fused paths)."""
+    from tokenprune.bench.dispatch import OpCounter
     from tokenprune.tokens import value_checks
-    model = timm.create_model("vim_small_patch16_224").to("meta").eval()
+    model = timm.create_model(name).to("meta").eval()
     with torch.no_grad(), value_checks("never"), OpCounter() as ops:
         model(torch.empty(2, 3, 224, 224, device="meta"))
-    kernels = sum(n for op, n in ops.by_op.items() if op not in NO_KERNEL)
+    return model, ops
+
+
+def test_vim_block_is_at_most_ten_kernels_on_the_gpu_path():
+    """ViM-S (fused mixer, fused add + norm): kernel-level ops per forward, the launch proxy of the SSM issue
+    (goal: at most 15 per block; 15.4 before the fused add + norm, 9.2 after)."""
+    _, ops = _meta_forward("vim_small_patch16_224")
     assert ops.by_op["add_rms_norm_fwd"] == 25 and ops.by_op["scan_fwd"] == 24  # 24 blocks + the final norm
     assert "rsqrt" not in ops.by_op and "pow" not in ops.by_op
-    assert kernels <= 10 * 24, f"{kernels} kernels per ViM-S forward"
+    assert ops.kernels <= 10 * 24, f"{ops.kernels} kernels per ViM-S forward"
 
 
 def test_plainmamba_gpu_path_has_no_layout_copies():
-    """PlainMamba-L3 on `meta` (the GPU path): one fused scan per order and block, channel-major from in_proj to
-    out_proj, so no copy kernels (the per-scan path made 8 per block: 45.5 kernels per block, now 30.5)."""
-    from tokenprune.bench.dispatch import NO_KERNEL, OpCounter
-    model = timm.create_model("plainmamba_l3").to("meta").eval()
-    with torch.no_grad(), OpCounter() as ops:
-        model(torch.empty(2, 3, 224, 224, device="meta"))
-    kernels = sum(n for op, n in ops.by_op.items() if op not in NO_KERNEL)
+    """PlainMamba-L3: one fused scan per order and block, channel-major from in_proj to out_proj, so no copy
+    kernels (the per-scan path made 8 per block: 45.5 kernels per block, now 30.5)."""
+    model, ops = _meta_forward("plainmamba_l3")
     depth = len(model.layers)
     assert ops.by_op["scan_fwd"] == 4 * depth and "clone" not in ops.by_op and "exp" not in ops.by_op
-    assert kernels <= 31 * depth, f"{kernels} kernels per PlainMamba-L3 forward"
+    assert ops.kernels <= 31 * depth, f"{ops.kernels} kernels per PlainMamba-L3 forward"
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------------------

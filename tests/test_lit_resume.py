@@ -86,16 +86,19 @@ SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": 
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
 
-def test_slurm_requeue_resumes_exactly(setup):
-    root, cfg, reference = setup
-    run_dir = root / "requeued"
-    bin_dir = root / "bin"
+def fake_scontrol(bin_dir: Path, log: Path) -> dict:
+    """SLURM_ENV plus a PATH whose `scontrol` only appends its arguments to `log` (what requeue calls)."""
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
     scontrol.write_text('#!/bin/sh\necho "$@" >> "$FAKE_SCONTROL_LOG"\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_SCONTROL_LOG": str(root / "scontrol.log")}
+    return {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SCONTROL_LOG": str(log)}
+
+
+def test_slurm_requeue_resumes_exactly(setup):
+    root, cfg, reference = setup
+    run_dir = root / "requeued"
+    env = fake_scontrol(root / "bin", root / "scontrol.log")
     # SIGUSR1 arrives at the start of step 6 (mid-step); the checkpoint is written at the end of that step
     proc = run_train(["fit", "-c", cfg, "--run_dir", run_dir, "--last_checkpoint.every_n_train_steps", "4",
                       "--trainer.callbacks+=lit_test_callbacks.SignalAtStep", "--trainer.callbacks.step", "5"],
@@ -119,13 +122,7 @@ def test_slurm_requeue_signal_during_start_up(setup):
     holds it and the job is requeued at the first step boundary instead of being killed by SIGUSR1."""
     root, cfg, _ = setup
     run_dir = root / "early"
-    bin_dir = root / "bin_early"
-    bin_dir.mkdir(exist_ok=True)
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\necho "$@" >> "$FAKE_SCONTROL_LOG"\n')
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_SCONTROL_LOG": str(root / "scontrol_early.log")}
+    env = fake_scontrol(root / "bin_early", root / "scontrol_early.log")
     proc = run_train(["fit", "-c", cfg, "--run_dir", run_dir, "--trainer.callbacks+=lit_test_callbacks.SignalAtSetup"],
                      cwd=root, env_extra=env)
     assert "requeue signal received during start-up" in proc.stderr

@@ -26,12 +26,6 @@ def backbones():
 
 
 @pytest.fixture(scope="module")
-def proposal():
-    torch.manual_seed(1)
-    return timm.create_model("papr_convnet_micro").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     torch.manual_seed(2)
     return torch.randn(2, 3, 32, 32)

@@ -481,12 +481,6 @@ def expected_counts(method, keep, n=64, depth=4):
     return counts
 
 
-@pytest.fixture(scope="module")
-def proposal():
-    torch.manual_seed(1)
-    return timm.create_model("papr_convnet_micro").eval()
-
-
 def test_keep_one_is_bit_identical_for_every_preset(tiny, proposal, images):
     with torch.no_grad():
         ref = tiny(images)

@@ -39,6 +39,16 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+def _fused_add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
+                    out_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """add_norm on the fused kernel; by default the output is in the autocast dtype when autocast is on."""
+    if out_dtype is None:
+        dev = h.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
+    return add_rms_norm(h, residual, norm.weight, norm.eps, out_dtype)
+
+
 def add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
              out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(residual + h), residual + h in fp32), the official pre-norm step (residual None: the first block).
@@ -46,11 +56,7 @@ def add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
     Where the scan runs on Triton (GPUs, and `meta` tensors) the add and the norm are one fused kernel
     (ssm/fused_norm.py) whose output is already in the dtype the mixer's matmul takes under autocast (the same
     rounding the matmul's cast would apply); elsewhere the ops of the official code, in fp32."""
-    if out_dtype is None:
-        dev = h.device.type
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
-    fused = on_triton(h, add_rms_norm, h, residual, norm.weight, norm.eps, out_dtype)
+    fused = on_triton(h, _fused_add_norm, norm, h, residual, out_dtype)
     if fused is not None:
         return fused
     residual = h if residual is None else residual + h
