@@ -28,7 +28,7 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ssm ]; then
   stamp "ssm benchmark"
-  python benchmarks/bench_ssm_gpu.py --out "$OUT/ssm.md" ${SSM_ARGS:-} 2>&1 | tail -n 80
+  python benchmarks/bench_ssm_gpu.py --out "$OUT/ssm.md" ${SSM_ARGS:---sweep} 2>&1 | tail -n 80
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   stamp "pruning grid (every preset at 40 %, ViM-S and DeiT-S, fp32/bf16, inference and training step)"

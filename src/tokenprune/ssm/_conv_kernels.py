@@ -47,7 +47,7 @@ def _bwd_direction(x, sx_b, sx_e, g, sg_b, sg_e, pid_b, e, me, p, L, w, bias, dw
                    K: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, ANTI: tl.constexpr):
     # returns this direction's contribution to dx at positions p; writes dW/dbias partials
     dx = tl.zeros((BE, T), dtype=tl.float32)
-    for k in tl.static_range(K):
+    for k in range(K):  # a loop, not unrolled: unrolled, the K x K shifted loads spill registers on sm_90
         # out[q] uses x[p] through tap k when q = p + (K-1-k) (causal) or p - (K-1-k) (anti-causal)
         if ANTI:
             q = p - (K - 1 - k)

@@ -76,7 +76,7 @@ def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bi
             tl.store(hchk + ((pid_b * E + e[:, None]) * NCHUNK + c) * N + n_idx[None, :], H,
                      mask=me[:, None] & (n_idx[None, :] < N))
         acc = tl.zeros((BE, T), dtype=tl.float32)
-        for n in tl.static_range(N):
+        for n in range(N):
             a_n, b_n, c_n, drive, h = _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n,
                                                     dts, dtu, H, n_idx, N, A_IS_LOG)
             acc += h * c_n[None, :]
@@ -188,7 +188,7 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
         g_ddt = tl.zeros((BE, T), dtype=tl.float32)
         g_du = tl.zeros((BE, T), dtype=tl.float32)
         part = ((pid_b * NEB + pid_e) * N) * L
-        for n in tl.static_range(N):
+        for n in range(N):
             a_n, b_n, c_n, drive, h = _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n,
                                                     dts, dtu, Hc, n_idx, N, A_IS_LOG)
             y_acc += h * c_n[None, :]

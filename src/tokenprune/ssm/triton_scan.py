@@ -50,10 +50,12 @@ def kernels():
     return k.scan_fwd, k.scan_bwd
 
 
-# Tile sizes: BE channels x T steps per program, warps. Untuned defaults (the kernels were verified under Triton's
-# interpreter only); benchmarks/bench_ssm_gpu.py --sweep times others;
+# Tile sizes: BE channels x T steps per program, warps. Chosen without a GPU from what ptxas gives each tile for
+# sm_90 (benchmarks/triton_sm90.py, benchmarks/results_triton_sm90.md): no register spills in the forward or the
+# backward, and a chunk of T = 32 steps lies within one warp, so its associative scans need no exchange between
+# warps. Not yet timed on a GPU: benchmarks/bench_ssm_gpu.py --sweep times others;
 # TOKENPRUNE_SCAN_TILE="BE,T[,warps]" overrides (for sweeps).
-DEFAULT_TILE = (32, 64, 4)
+DEFAULT_TILE = (16, 32, 4)
 
 
 def tile_config(L):
