@@ -10,7 +10,8 @@ import tokenprune
 from tokenprune.flops import count_flops
 from tokenprune.models import CheckpointMismatchError
 from tokenprune.models.plainmamba import PlainMamba, checkpoint_filter_fn
-from tokenprune.models.plainmamba_scan import restricted_scans, scan_tables
+from tokenprune.models.plainmamba_scan import (RestrictedScan, restricted_scan, restricted_scan_tables, restricted_scans,
+                                              scan_tables)
 from tokenprune.pruning import BEFORE_ENCODER, METHODS, count_tokens, resolve_schedule
 from tokenprune.tokens.state import initial_state
 from tokenprune.ssm import scan_impl, selective_scan_reference
@@ -261,6 +262,20 @@ def test_restricted_orders_keep_the_relative_order_of_the_full_scan():
             keep = set(pos[b].tolist())
             assert pos[b, scan.perm[b]].tolist() == [p for p in orders[k].tolist() if p in keep]
             assert int(scan.gaps[b].sum()) + 61 == int(inverse[k][pos[b]].max()) + 1
+
+
+def test_all_orders_at_once_equal_each_order_restricted_alone():
+    """restricted_scan_tables (every order in one sort) gives restricted_scan's perm, inverse, labels and gaps
+    for each order, on rows of any token order (as merged tokens come)."""
+    torch.manual_seed(7)
+    _, inverse, labels = scan_tables(6, 9)
+    pos = torch.stack([torch.randperm(54)[:23] for _ in range(4)])  # not sorted
+    tables = restricted_scan_tables(pos, inverse, labels)
+    assert tables.perm.shape == (4, 4, 23)
+    for k in range(4):
+        alone = restricted_scan(pos, inverse[k], labels[k])
+        for field in RestrictedScan._fields:
+            assert torch.equal(getattr(tables, field)[k], getattr(alone, field)), (k, field)
 
 
 def manual_mixer(mx, x, pos, grid, gaps=False):

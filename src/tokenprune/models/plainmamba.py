@@ -34,12 +34,12 @@ from timm.layers import DropPath, trunc_normal_
 from ..compat import feature_take_indices
 from torch import nn
 
-from ..tokens.state import TokenState, initial_state
+from ..tokens.state import TokenState, initial_state, static_index
 from ..ssm import selective_scan
 from ..ssm.fused_ops import fused_selective_scan
 from ..ssm.scan import _record, on_triton
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
-from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scans, scan_tables
+from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scan_tables, scan_tables
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 from .vim import DirectionScope
 
@@ -51,9 +51,12 @@ def _pair(v) -> Tuple[int, int]:
 
 
 def flat_index(idx: torch.Tensor, stride: int) -> torch.Tensor:
-    """(b, T) row-wise indices -> (b*T,) indices into the (b*stride, C) view of a (b, stride, C) tensor."""
-    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * stride
-    return (idx + offsets).reshape(-1)
+    """(..., b, T) row-wise indices -> (..., b*T) indices into the (b*stride, C) view of a (b, stride, C)
+    tensor (the row offsets are built once per shape and device)."""
+    b = int(idx.shape[-2])
+    offsets = static_index(("row_offsets", b, stride), idx.device,
+                           lambda d: torch.arange(b, device=d).unsqueeze(1) * stride)
+    return (idx + offsets).flatten(-2)
 
 
 def take(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -476,12 +479,14 @@ class PlainMamba(TimmHeadMixin, TokenBackbone):
         scans (with gaps), and flat indices to visit them / put them back / place them on the grid."""
         mixer = self.layers[0].mamba
         T = pos.shape[1]
-        scans = restricted_scans(pos, mixer.order_inverse, mixer.order_labels)
+        tables = restricted_scan_tables(pos, mixer.order_inverse, mixer.order_labels)  # fields (4, B, T)
+        # one launch per table for all four orders; the per-order lists hold views
+        scans = [RestrictedScan(*fields) for fields in zip(*(t.unbind(0) for t in tables))]
+        gap_scale = (tables.gaps.float() + 1.0).unsqueeze(1)  # the fused scan's decay scale 1 + gap, (4, 1, B, T)
         return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": scans,
-                "visit": [flat_index(s.perm, T) for s in scans], "unvisit": [flat_index(s.inverse, T) for s in scans],
-                # the fused scan's decay scale 1 + gap per step, (1, B, T): built once, not once per block
-                "gap_scale": [(1.0 + s.gaps.float()).unsqueeze(0) for s in scans],
-                "labels": torch.stack([s.labels for s in scans])}  # (4, B, T): one direction_Bs lookup per block
+                "visit": list(flat_index(tables.perm, T).unbind(0)),
+                "unvisit": list(flat_index(tables.inverse, T).unbind(0)),
+                "gap_scale": list(gap_scale.unbind(0)), "labels": tables.labels}  # one direction_Bs lookup
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()

@@ -124,13 +124,30 @@ def restricted_scan(pos: torch.Tensor, order_inverse: torch.Tensor, labels: torc
     return RestrictedScan(perm, torch.argsort(perm, dim=1), labels[sorted_steps], gaps)
 
 
-def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor) -> List[RestrictedScan]:
-    """restricted_scan for each of the four orders (inverse, labels: (4, L) tables from scan_tables)."""
+def restricted_scan_tables(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor) -> RestrictedScan:
+    """Every order restricted to the kept tokens at once: a RestrictedScan whose fields are (K, B, T), K orders
+    (inverse, labels: (K, L) tables from scan_tables). The full-scan step of every kept token is a lookup in
+    ``inverse`` (an order's inverse is its rank table), and one sort along the tokens gives both the restricted
+    order and the steps it visits, ascending: a handful of launches per pruning stage, whatever K (ToMe
+    recomputes this after every block)."""
     if pos.dim() != 2 or pos.dtype != torch.long:
         raise ValueError(f"pos must be a (B, T) long tensor, got {pos.dtype} {tuple(pos.shape)}")
-    L = inverse.shape[1]
+    K, L = (int(s) for s in inverse.shape)
+    B, T = (int(s) for s in pos.shape)
     if check_values(pos) and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
         raise ValueError(f"PlainMamba token positions must be raster indices in [0, {L - 1}], got range "
                          f"[{int(pos.min())}, {int(pos.max())}] (fused tokens without a grid position, as "
                          "EViT makes, are not supported)")
-    return [restricted_scan(pos, inverse[k], labels[k]) for k in range(inverse.shape[0])]
+    steps = inverse.index_select(1, pos.reshape(-1)).view(K, B, T)  # full-scan step of each token, per order
+    # the steps of a row are distinct (positions are), so the sort's order is unique: as restricted_order's
+    sorted_steps, perm = steps.sort(dim=-1)
+    step_labels = labels.gather(1, sorted_steps.view(K, B * T)).view(K, B, T)
+    # pruned positions before each visited step: the first one's step itself, then the difference minus one
+    gaps = torch.diff(sorted_steps, dim=-1, prepend=sorted_steps.new_full((K, B, 1), -1)) - 1
+    return RestrictedScan(perm, perm.argsort(dim=-1), step_labels, gaps)
+
+
+def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor) -> List[RestrictedScan]:
+    """restricted_scan for each of the K orders: the (B, T) views of ``restricted_scan_tables``."""
+    tables = restricted_scan_tables(pos, inverse, labels)
+    return [RestrictedScan(*fields) for fields in zip(*(t.unbind(0) for t in tables))]
