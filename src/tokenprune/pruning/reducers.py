@@ -12,6 +12,7 @@ import torch
 
 from . import ops
 from ..tokens import TokenState
+from ..tokens.state import middle_cls_permutation
 
 # The VisionZip paper's LLaVA budget 54 dominant + 10 contextual = 64 tokens: contextual share 10/64.
 VISIONZIP_CONTEXTUAL_SHARE = 10 / 64
@@ -114,15 +115,15 @@ REDUCER_SIGNALS = {"tome": {"keys"}, "visionzip": {"keys"}}
 
 
 def restore_scan_order(state: TokenState) -> TokenState:
-    """SSMs: sort tokens by original position (fused extras last), then the CLS back to the middle."""
-    key = torch.where(state.pos >= 0, state.pos, torch.full_like(state.pos, state.seq_len))
-    if state.cls_index is not None:
-        key = torch.where(state.protected, torch.full_like(key, -1), key)  # CLS first, moved below
-    order = key.argsort(dim=1, stable=True)
-    state = state.gather(order, cls_index=0 if state.cls_index is not None else None)
-    if state.cls_index is not None:
-        state, _ = state.insert_middle_cls()
-    return state
+    """SSMs: sort tokens by original position (fused extras last), then the CLS back to the middle. One
+    permutation (the sort composed with the static move of the CLS), so every per-token field is gathered once."""
+    key = state.pos.masked_fill(state.pos < 0, state.seq_len)
+    if state.cls_index is None:
+        return state.gather(key.argsort(dim=1, stable=True), cls_index=None)
+    order = key.masked_fill(state.protected, -1).argsort(dim=1, stable=True)  # the CLS first ...
+    T = state.num_tokens
+    order = order.index_select(1, middle_cls_permutation(T, 0, order.device))  # ... then to the middle
+    return state.gather(order, cls_index=(T - 1) // 2)
 
 
 def set_alignment(state: TokenState, mode: Optional[str]) -> TokenState:

@@ -78,17 +78,21 @@ class TokenState:
         if self.cls_index is None:
             return self, None
         B, T = (int(s) for s in self.pos.shape)  # python ints also under jit tracing
-        c, middle = self.cls_index, (T - 1) // 2
+        idx = middle_cls_permutation(T, self.cls_index, self.x.device)
+        return self.gather(idx.unsqueeze(0).expand(B, -1), cls_index=(T - 1) // 2), (T - 1) // 2
 
-        def build(device):
-            # order = others[:middle] + [c] + others[middle:] as arithmetic on an arange (no host list)
-            j = torch.arange(T, device=device)
-            other = j - (j > middle).long()  # rank among the non-CLS tokens
-            other = other + (other >= c).long()  # skip the CLS
-            return torch.where(j == middle, torch.full_like(j, c), other)
 
-        idx = static_index(("middle_cls", T, c), self.x.device, build)
-        return self.gather(idx.unsqueeze(0).expand(B, -1), cls_index=middle), middle
+def middle_cls_permutation(T: int, c: int, device) -> torch.Tensor:
+    """(T,) index that moves the token at `c` to the middle, (T - 1) // 2, keeping the others in order (built
+    once per (T, c, device): arithmetic on an arange, no host list)."""
+    middle = (T - 1) // 2
+
+    def build(dev):
+        j = torch.arange(T, device=dev)
+        other = j - (j > middle).long()  # rank among the non-CLS tokens
+        other = other + (other >= c).long()  # skip the CLS
+        return torch.where(j == middle, torch.full_like(j, c), other)
+    return static_index(("middle_cls", T, c), device, build)
 
 
 _STATIC: dict = {}  # (what, sizes..., device) -> index tensor that depends only on python ints
