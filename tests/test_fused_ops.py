@@ -126,22 +126,27 @@ def test_bad_add_rms_norm_input_is_a_clear_error(h, residual, weight, message):
 
 
 def _meta_forward(name):
-    """(model, OpCounter) of one batch-2 forward on `meta`, which dispatches as on a GPU (the fused paths)."""
+    """(model, OpCounter) of the second batch-2 forward on `meta`, which dispatches as on a GPU (the fused
+    paths); the first one fills the inference caches."""
     from tokenprune.bench.dispatch import OpCounter
     from tokenprune.tokens import value_checks
     model = timm.create_model(name).to("meta").eval()
-    with torch.no_grad(), value_checks("never"), OpCounter() as ops:
-        model(torch.empty(2, 3, 224, 224, device="meta"))
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    with torch.no_grad(), value_checks("never"):
+        model(x)
+        with OpCounter() as ops:
+            model(x)
     return model, ops
 
 
-def test_vim_block_is_at_most_ten_kernels_on_the_gpu_path():
-    """ViM-S (fused mixer, fused add + norm): kernel-level ops per forward, the launch proxy of the SSM issue
-    (goal: at most 15 per block; 15.4 before the fused add + norm, 9.2 after)."""
+def test_vim_block_is_at_most_eight_kernels_on_the_gpu_path():
+    """ViM-S (fused mixer, fused add + norm, cached stacked x_proj/dt_proj weights): kernel-level ops per
+    forward, the launch proxy of the SSM issue (goal: at most 15 per block; 15.4 before the fused add + norm,
+    9.2 after, 7.25 with the stacks cached)."""
     _, ops = _meta_forward("vim_small_patch16_224")
     assert ops.by_op["add_rms_norm_fwd"] == 25 and ops.by_op["scan_fwd"] == 24  # 24 blocks + the final norm
-    assert "rsqrt" not in ops.by_op and "pow" not in ops.by_op
-    assert ops.kernels <= 10 * 24, f"{ops.kernels} kernels per ViM-S forward"
+    assert "rsqrt" not in ops.by_op and "pow" not in ops.by_op and "stack" not in ops.by_op
+    assert ops.kernels <= 8 * 24, f"{ops.kernels} kernels per ViM-S forward"
 
 
 def test_plainmamba_gpu_path_has_no_layout_copies():

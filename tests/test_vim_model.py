@@ -174,3 +174,30 @@ def test_forward_is_unpruned_token_path(tiny):
         feats = tiny.norm_f(residual + h)[:, 32]
         assert torch.equal(tiny(images), tiny.head(feats))
     assert math.isfinite(tiny(images).sum().item())
+
+
+def test_stacked_direction_weights_are_cached_only_without_a_gradient():
+    """The fused mixer's stacked x_proj / dt_proj weights: rebuilt while a gradient is recorded, cached for
+    inference, rebuilt when a weight changes in place (optimizer step, load_state_dict), and cast to the
+    autocast dtype under autocast."""
+    from tokenprune.models.vim import BiMambaMixer, stacked_weights
+    mixer = BiMambaMixer(16)
+    names = ("x_proj.weight", "x_proj_b.weight")
+    like = torch.empty(2, 3)
+    expected = torch.stack([mixer.x_proj.weight, mixer.x_proj_b.weight])
+    live = stacked_weights(mixer, names, like)
+    assert live.grad_fn is not None and torch.equal(live, expected)
+    with torch.no_grad():
+        first = stacked_weights(mixer, names, like)
+        assert first.grad_fn is None and torch.equal(first, expected)
+        assert stacked_weights(mixer, names, like) is first  # cached
+        mixer.x_proj_b.weight.add_(1.0)  # in place: the version counter moves
+        again = stacked_weights(mixer, names, like)
+        assert again is not first and torch.equal(again[1], mixer.x_proj_b.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = stacked_weights(mixer, names, like)
+        assert cast.dtype == torch.bfloat16 and torch.equal(cast, again.to(torch.bfloat16))
+        assert stacked_weights(mixer, names, like) is again  # the fp32 entry is still there
+    mixer.load_state_dict({k: v + 1 for k, v in mixer.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(stacked_weights(mixer, names, like)[0], mixer.x_proj.weight)

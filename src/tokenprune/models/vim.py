@@ -12,7 +12,7 @@ from typing import AbstractSet, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from ..compat import feature_take_indices
+from ..compat import feature_take_indices, version_counter
 from torch import nn
 
 from ..tokens.sequence import gap_scale, gap_scaled_delta_B, gather_from_sequence, scatter_to_sequence
@@ -83,6 +83,40 @@ class DirectionScope(nn.Module):
 
     def forward(self, fn, *args):
         return fn(*args)
+
+
+def _graph_building() -> bool:
+    """Tracing (fvcore), compiling or capturing a CUDA graph: compute every tensor in the graph, cache nothing."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def stacked_weights(module: nn.Module, names: Tuple[str, str], like: torch.Tensor) -> torch.Tensor:
+    """torch.stack of two directions' weights (attribute paths of `module`), for one batched matmul with `like`.
+
+    Without a gradient to record, the stack (cast to the autocast dtype under autocast) is cached on the
+    module, keyed by device, dtype, storage and version counter of each weight (python attributes: no device
+    read-back), so inference launches neither the stack nor autocast's cast per block and forward."""
+    weights = [module.get_submodule(n.rsplit(".", 1)[0]).get_parameter(n.rsplit(".", 1)[1]) for n in names]
+    dtype = _autocast_dtype(like.device.type) or weights[0].dtype
+    if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) or _graph_building():
+        return torch.stack(weights)
+    key = tuple((w.device, w.dtype, w.data_ptr(), version_counter(w)) for w in weights)
+    cache = module.__dict__.setdefault("_stacked_cache", {})  # not a buffer: never in the state dict
+    hit = cache.get((names, dtype))  # one entry per dtype: fp32 and autocast runs can alternate
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable by a later training step
+            hit = (key, torch.stack(weights).to(dtype))
+        cache[(names, dtype)] = hit
+    return hit[1]
 
 
 class BiMambaMixer(nn.Module):
@@ -165,8 +199,8 @@ class BiMambaMixer(nn.Module):
         x, z = xz[:E].transpose(0, 1), xz[E:].transpose(0, 1)  # (b, E, L) views of the (E, b, L) layout
         u = conv1d_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
         u_cm = u.transpose(1, 2).reshape(2, E, b * L)  # a view: u is laid out (2, E, b, L)
-        dbl = torch.bmm(torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u_cm)  # (2, R + 2N, b·L)
-        dt = torch.bmm(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]), dbl[:, :R])  # (2, E, b·L)
+        dbl = torch.bmm(stacked_weights(self, ("x_proj.weight", "x_proj_b.weight"), u_cm), u_cm)  # (2, R+2N, b·L)
+        dt = torch.bmm(stacked_weights(self, ("dt_proj.weight", "dt_proj_b.weight"), u_cm), dbl[:, :R])  # (2, E, b·L)
 
         def bel(t, rows):  # (2, rows, b·L) -> (2, b, rows, L) view
             return t.view(2, rows, b, L).transpose(1, 2)
