@@ -21,7 +21,7 @@ from ..compat import TorchDispatchMode, tree_leaves
 NO_KERNEL = {"view", "_unsafe_view", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "slice",
              "select", "as_strided", "alias", "detach", "reshape", "split", "split_with_sizes", "unbind",
              "unflatten", "flatten", "narrow", "chunk", "lift_fresh", "_reshape_alias", "diagonal",
-             "view_as_real", "view_as_complex", "_to_copy_noop", "clone_noop"}
+             "view_as_real", "view_as_complex", "_to_copy_noop", "clone_noop", "promote_types", "result_type"}
 
 
 def _base_name(func) -> str:

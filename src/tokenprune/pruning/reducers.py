@@ -19,7 +19,12 @@ VISIONZIP_CONTEXTUAL_SHARE = 10 / 64
 
 
 def _joint(state: TokenState) -> torch.Tensor:
-    return state.x if state.residual is None else torch.cat([state.x, state.residual.to(state.x.dtype)], -1)
+    """[x, residual] in the wider of their dtypes: under autocast x is bf16/fp16 but ViM's residual stream is
+    fp32 (as the official model keeps it), and merging it in x's dtype would round it at every stage."""
+    if state.residual is None:
+        return state.x
+    dtype = max((state.x.dtype, state.residual.dtype), key=lambda d: d.itemsize)  # python, no dispatch
+    return torch.cat([state.x.to(dtype), state.residual.to(dtype)], -1)
 
 
 def _split(state: TokenState, joint: torch.Tensor, src_index: torch.Tensor, size: torch.Tensor,
@@ -35,7 +40,9 @@ def _split(state: TokenState, joint: torch.Tensor, src_index: torch.Tensor, size
         protected = torch.cat([protected, protected.new_zeros(B, extra_pos)], 1)
     D = state.x.shape[-1]
     residual = None if state.residual is None else joint[..., D:].to(state.residual.dtype)
-    return state.with_tokens(x=joint[..., :D].contiguous(), residual=residual, size=size.to(state.size.dtype),
+    x = joint[..., :D]
+    x = x.contiguous() if x.dtype == state.x.dtype else x.to(state.x.dtype)  # .to makes a contiguous copy
+    return state.with_tokens(x=x, residual=residual, size=size.to(state.size.dtype),
                              pos=pos, protected=protected)
 
 
