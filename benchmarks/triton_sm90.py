@@ -11,7 +11,7 @@ bandwidth it could reach, whatever its tiles. Triton compiles for a named target
 compiler plus the ptxas it ships), so the launchers run unchanged on CPU tensors, with the launch replaced by a
 compile (`sm90_compile_only`), and the bundled ptxas reports resources (`ptxas -v`).
 The same shapes, dtypes and flags as ViM-S (batch 2, E 768, L 197, N 16, both directions, every fused
-input) are compiled; resources do not depend on the batch or L (the loops over chunks are not unrolled).
+input) are compiled, and PlainMamba's four index-ordered directions; resources do not depend on the batch or L (the loops over chunks are not unrolled).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def ptxas_resources(name: str, kernel, seconds: float) -> Resources:
 
 # ---- the launchers, on CPU tensors of ViM-S's shapes ------------------------------------------------------
 
-def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False):
+def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False, idx=False):
     g = torch.Generator().manual_seed(0)
 
     def r(*s, dt=dtype):
@@ -129,21 +129,23 @@ def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False):
                 A1=r(E, N, dt=torch.float32) if ndir == 2 else None, B=r(ndir, b, N, L), C=r(ndir, b, N, L),
                 D0=r(E, dt=torch.float32), D1=r(E, dt=torch.float32) if ndir == 2 else None, z=r(b, E, L),
                 bias0=r(E, dt=torch.float32), bias1=r(E, dt=torch.float32) if ndir == 2 else None,
-                gap=r(ndir, b, L).abs() if gap else None)
+                gap=r(ndir, b, L).abs() if gap else None,
+                idx=torch.stack([torch.randperm(L, generator=g) for _ in range(ndir * b)]).view(ndir, b, L)
+                if idx else None)
 
 
-def launch_scan_fwd(dtype=torch.float32, ndir=2, gap=False, save=True):
+def launch_scan_fwd(dtype=torch.float32, ndir=2, gap=False, save=True, idx=False):
     from tokenprune.ssm import fused_ops
-    a = _scan_inputs(dtype, ndir, gap=gap)
-    fused_ops.scan_fwd(*a.values(), True, True, save, dtype)
+    a = _scan_inputs(dtype, ndir, gap=gap, idx=idx)
+    fused_ops.scan_fwd(*a.values(), True, True, save, 1.0 / ndir, dtype)
 
 
-def launch_scan_bwd(dtype=torch.float32, ndir=2, gap=False):
+def launch_scan_bwd(dtype=torch.float32, ndir=2, gap=False, idx=False):
     from tokenprune.ssm import fused_ops, triton_scan
-    a = _scan_inputs(dtype, ndir, gap=gap)
+    a = _scan_inputs(dtype, ndir, gap=gap, idx=idx)
     u = a["u"]
     hchk = torch.zeros(ndir, u.shape[1], u.shape[2], triton_scan.num_chunks(u.shape[-1]), a["A0"].shape[1])
-    fused_ops.scan_bwd(*a.values(), hchk, torch.randn(u.shape[1:]).to(dtype), True, True)
+    fused_ops.scan_bwd(*a.values(), hchk, torch.randn(u.shape[1:]).to(dtype), True, True, 1.0 / ndir)
 
 
 def launch_conv(dtype=torch.float32, backward=False):
@@ -172,10 +174,10 @@ CASES: Dict[str, Callable[[], None]] = {
     "scan_fwd": lambda: launch_scan_fwd(),
     "scan_fwd_gap": lambda: launch_scan_fwd(gap=True),
     "scan_fwd_bf16": lambda: launch_scan_fwd(torch.bfloat16),
-    "scan_fwd_1dir": lambda: launch_scan_fwd(ndir=1, gap=True),  # PlainMamba: one order per launch
+    "scan_fwd_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True),  # PlainMamba: 4 orders by index
     "scan_bwd": lambda: launch_scan_bwd(),
     "scan_bwd_gap": lambda: launch_scan_bwd(gap=True),
-    "scan_bwd_1dir": lambda: launch_scan_bwd(ndir=1, gap=True),
+    "scan_bwd_4idx": lambda: launch_scan_bwd(ndir=4, gap=True, idx=True),
     "conv_fwd": lambda: launch_conv(),
     "conv_bwd": lambda: launch_conv(backward=True),
     "norm_fwd": lambda: launch_norm(),

@@ -23,6 +23,10 @@ SMALL = [
     (2, 2, 7, 2, 70, "none", "ebl", torch.float32),     # > 1 chunk at T=64, channel-major layout, no optionals
     (1, 2, 33, 3, 20, "z_only", "bel", torch.float32),  # E over one channel block
     (2, 1, 6, 4, 29, "all", "ebl", torch.bfloat16),     # bf16 inputs and output
+    # scan orders by index (PlainMamba: four zig-zags in one launch), u / dt / C shared by the directions as
+    # stride-0 expansions (their gradients summed by autograd), the sum of the directions (scale 1)
+    (4, 2, 6, 3, 37, "all+idx", "bel", torch.float32),
+    (3, 1, 5, 2, 20, "gap+idx", "ebl", torch.float32),
 ]
 # N = 16 as in every real model (N is a compile-time constant: fewer kernel variants to compile)
 GPU = [
@@ -31,6 +35,8 @@ GPU = [
     (1, 2, 256, 16, 1100, "all", "bel", torch.float32),  # one direction, long sequence
     (2, 4, 384, 16, 99, "gap", "ebl", torch.float32),    # pruned (gap-aware) sequence, no gate
     (2, 3, 37, 16, 70, "none", "bel", torch.float32),    # partial channel block and chunk, no optionals
+    (4, 2, 448, 16, 196, "all+idx", "bel", torch.float32),  # PlainMamba-L3's four orders by index
+    (4, 2, 448, 16, 118, "gap+idx", "bel", torch.bfloat16),  # pruned, gap-aware, bf16
 ]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -49,9 +55,13 @@ def layout(x, kind):
 def make(ndir, b, E, N, L, opt, kind, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = dict(u=r(ndir, b, E, L), dt=r(ndir, b, E, L), A0=0.5 * r(E, N), A1=0.5 * r(E, N), B=r(ndir, b, N, L),
-             C=r(ndir, b, N, L), D0=r(E), D1=r(E), z=r(b, E, L), bias0=r(E), bias1=r(E),
+    by_index = opt.endswith("+idx")
+    opt = opt.replace("+idx", "")
+    shared = 1 if by_index else ndir  # u, dt and C shared by the directions in the index-ordered cases
+    x = dict(u=r(shared, b, E, L), dt=r(shared, b, E, L), A0=0.5 * r(E, N), A1=0.5 * r(E, N),
+             B=r(ndir, b, N, L), C=r(shared, b, N, L), D0=r(E), D1=r(E), z=r(b, E, L), bias0=r(E), bias1=r(E),
              gap=1.0 + torch.randint(0, 4, (ndir, b, L), generator=g).float())
+    idx = torch.stack([torch.randperm(L, generator=g) for _ in range(ndir * b)]).view(ndir, b, L)
     drop = {"all": (), "none": ("D0", "D1", "z", "bias0", "bias1", "gap"), "z_only": ("D0", "D1", "bias0",
             "bias1", "gap"), "gap": ("z",)}[opt]
     if ndir == 1:
@@ -66,41 +76,63 @@ def make(ndir, b, E, N, L, opt, kind, dtype, device, seed):
         elif k in ("B", "C"):
             v = v.to(dtype)
         out[k] = v.to(device)
+    out["idx"] = idx.to(device) if by_index else None
     return out
 
 
+def _expanded(x, name):
+    """x[name] with the direction dim expanded to B's (stride 0) when the directions share it."""
+    v, ndir = x[name], x["B"].shape[0]
+    return v.expand(ndir, *v.shape[1:]) if v.shape[0] != ndir else v
+
+
 def reference(x):
-    """float64: each direction through the reference loop, direction 1 on the flipped sequence."""
-    d = {k: None if v is None else v.double() for k, v in x.items()}
-    ndir = d["u"].shape[0]
+    """float64: each direction through the reference loop, direction 1 on the flipped sequence; with an index
+    table, direction i scans u gathered by idx[i] (Δ, B, C, gap per step) and its output goes back by
+    scatter; the directions are averaged, or summed with an index table (PlainMamba)."""
+    d = {k: None if v is None else (v if k == "idx" else v.double()) for k, v in x.items()}
+    for k in ("u", "dt", "C"):
+        d[k] = _expanded(d, k)
+    ndir = d["B"].shape[0]
     ys = []
     for i in range(ndir):
-        flip = (lambda t: t.flip(-1)) if i == 1 else (lambda t: t)
-        bias = d["bias%d" % i]
+        flip = (lambda t: t.flip(-1)) if i == 1 and d["idx"] is None else (lambda t: t)
+        j = min(i, 1)  # directions 1.. share (A1, D1, bias1)
+        bias = d["bias%d" % j]
         delta = d["dt"][i] + (bias[:, None] if bias is not None else 0)
         delta = F.softplus(delta) if bias is not None else delta.abs()
         s = d["gap"][i][:, None, :] if d["gap"] is not None else torch.ones_like(delta[:, :1])
-        y = selective_scan_reference(flip(d["u"][i]), flip(delta * s), -torch.exp(d["A%d" % i]),
-                                     flip(d["B"][i] / s), flip(d["C"][i]), d["D%d" % i])
-        ys.append(flip(y))
-    y = sum(ys) / ndir
+        u = d["u"][i]
+        if d["idx"] is not None:
+            index = d["idx"][i][:, None, :].expand_as(u)
+            u = u.gather(-1, index)
+        y = selective_scan_reference(flip(u), flip(delta * s), -torch.exp(d["A%d" % j]),
+                                     flip(d["B"][i] / s), flip(d["C"][i]), d["D%d" % j])
+        y = flip(y)
+        if d["idx"] is not None:
+            y = torch.zeros_like(y).scatter(-1, index, y)
+        ys.append(y)
+    y = sum(ys) / (ndir if d["idx"] is None else 1)
     return y * F.silu(d["z"]) if d["z"] is not None else y
 
 
 def ours(x):
     softplus = x["bias0"] is not None
-    dt = x["dt"] if softplus else x["dt"].abs()  # without bias/softplus: positive steps, as softplus gives
-    return fused_selective_scan(x["u"], dt, x["A0"], x["B"], x["C"], x["D0"], x["z"], x["bias0"], A1=x["A1"],
-                                D1=x["D1"], bias1=x["bias1"], gap=x["gap"], softplus=softplus, a_is_log=True)
+    dt = _expanded(x, "dt")
+    dt = dt if softplus else dt.abs()  # without bias/softplus: positive steps, as softplus gives
+    return fused_selective_scan(_expanded(x, "u"), dt, x["A0"], x["B"], _expanded(x, "C"), x["D0"], x["z"],
+                                x["bias0"], A1=x["A1"], D1=x["D1"], bias1=x["bias1"], gap=x["gap"], idx=x["idx"],
+                                softplus=softplus, a_is_log=True, scale=None if x["idx"] is None else 1.0)
 
 
 def check_scan(case, device, seed):
     ndir, b, E, N, L, opt, kind, dtype = case
     x = make(*case, device, seed)
-    leaves = {k: None if v is None or k == "gap" else v.detach().clone().requires_grad_() for k, v in x.items()}
-    leaves["gap"] = x["gap"]
-    ref_in = {k: None if v is None or k == "gap" else v.detach().double().requires_grad_() for k, v in x.items()}
-    ref_in["gap"] = x["gap"]
+    fixed = ("gap", "idx")  # no gradient
+    leaves = {k: None if v is None or k in fixed else v.detach().clone().requires_grad_() for k, v in x.items()}
+    ref_in = {k: None if v is None or k in fixed else v.detach().double().requires_grad_() for k, v in x.items()}
+    for k in fixed:
+        leaves[k] = ref_in[k] = x[k]
     y = ours(leaves)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     y.backward(gy.to(y.dtype))
@@ -110,7 +142,7 @@ def check_scan(case, device, seed):
     if y.dtype != x["u"].dtype:
         errs["y_dtype"] = float("inf")
     for k, v in leaves.items():
-        if v is not None and k != "gap":
+        if v is not None and k not in fixed:
             errs["d" + k] = rel_err(v.grad, ref_in[k].grad)
     with torch.no_grad():  # inference: no states saved
         errs["no_grad"] = rel_err(ours(x), yr)
@@ -213,9 +245,12 @@ def main():
     failed = False
     for i, case in enumerate(SMALL if args.cases == "small" else GPU):
         tol = TOL[case[-1]]
-        for what, errs in (("scan", check_scan(case, args.device, 10 + i)),
-                           ("conv", check_conv(case[0], case[1], case[2], case[4], case[6], case[7],
-                                               args.device, 20 + i))):
+        checks = [("scan", lambda: check_scan(case, args.device, 10 + i))]
+        if not case[5].endswith("+idx"):  # the conv has one or two directions, no index tables
+            checks.append(("conv", lambda: check_conv(case[0], case[1], case[2], case[4], case[6], case[7],
+                                                      args.device, 20 + i)))
+        for what, run in checks:
+            errs = run()
             worst = max(errs.values())
             failed |= not worst <= tol
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())

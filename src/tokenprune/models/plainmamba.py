@@ -242,23 +242,21 @@ class PlainMamba2D(nn.Module):
         Bm, Cm = dbl[:, R:R + N], dbl[:, R + N:]
         # the direction-aware part of B for all four orders in one lookup: (4, N, L), or (4, b, N, T) when pruned
         dB = self.direction_Bs[self.order_labels if ctx is None else ctx["labels"]].transpose(-1, -2)
-        ys = None
-        for k in range(NUM_ORDERS):
-            if ctx is None:
-                u_k = u.index_select(2, self.orders[k])
-                B_k, gap = Bm + dB[k].to(Bm.dtype), None
-            else:
-                scan: RestrictedScan = ctx["scans"][k]
-                u_k = u.gather(2, scan.perm.unsqueeze(1).expand(b, E, T))
-                B_k = Bm + dB[k].to(Bm.dtype)
-                gap = None if scan.gaps is None else ctx["gap_scale"][k]
-            y = fused_selective_scan(u_k.unsqueeze(0), dt.unsqueeze(0), self.A_log, B_k.unsqueeze(0),
-                                     Cm.unsqueeze(0), self.D, None, self.dt_proj.bias, gap=gap, softplus=True,
-                                     a_is_log=True)  # (b, E, T) in scan-step order
-            y = (y.index_select(2, self.order_inverse[k]) if ctx is None
-                 else y.gather(2, scan.inverse.unsqueeze(1).expand(b, E, T)))
-            ys = y if ys is None else ys + y
-        gated = ys * F.silu(z)  # (b, E, T)
+        B4 = Bm.unsqueeze(0) + (dB.unsqueeze(1) if ctx is None else dB).to(Bm.dtype)  # (4, b, N, T)
+        if ctx is None:
+            idx, gap = self.orders.unsqueeze(1).expand(NUM_ORDERS, b, T), None
+        else:
+            idx = ctx["perm"]
+            gap = None if ctx["scans"][0].gaps is None else ctx["gap_scale4"]
+
+        def shared(t):  # the four orders read the same tensor: a stride-0 expansion, no copy
+            return t.unsqueeze(0).expand(NUM_ORDERS, *t.shape)
+        # the four orders in one launch: each reads u at its zig-zag order by index and adds its output back in
+        # token order (dt/B/C per step, the official raster-order quirk), A_log, Δ bias + softplus, the D skip,
+        # the gap-aware decay and the silu(z) gate fused
+        gated = fused_selective_scan(shared(u), shared(dt), self.A_log, B4, shared(Cm), self.D, z, self.dt_proj.bias,
+                                     A1=self.A_log, D1=self.D, bias1=self.dt_proj.bias, gap=gap, idx=idx,
+                                     softplus=True, a_is_log=True, scale=1.0)  # (b, E, T)
         return _matmul_cm(self.out_proj, gated).transpose(1, 2)  # (b, T, D) view of the (b, D, T) product
 
     def forward(self, x: torch.Tensor, ctx: Optional[ScanContext] = None, want: AbstractSet[str] = frozenset()):
@@ -486,7 +484,9 @@ class PlainMamba(TimmHeadMixin, TokenBackbone):
         return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": scans,
                 "visit": list(flat_index(tables.perm, T).unbind(0)),
                 "unvisit": list(flat_index(tables.inverse, T).unbind(0)),
-                "gap_scale": list(gap_scale.unbind(0)), "labels": tables.labels}  # one direction_Bs lookup
+                "gap_scale": list(gap_scale.unbind(0)), "labels": tables.labels,  # one direction_Bs lookup
+                # the fused path's index tables and decay scales of all four orders, (4, B, T) each
+                "perm": tables.perm, "gap_scale4": gap_scale.squeeze(1)}
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()

@@ -44,11 +44,13 @@ def _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n, dts,
 
 @triton.jit
 def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b, sb_n,
-                   C, sc_b, sc_n, D, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, E,
+                   C, sc_b, sc_n, D, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, E, SCALE,
                    N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
                    SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
                    HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr,
-                   ACCUM: tl.constexpr, FINAL: tl.constexpr, SCALE: tl.constexpr):
+                   ACCUM: tl.constexpr, FINAL: tl.constexpr, HAS_IDX: tl.constexpr):
+    # with HAS_IDX, step p reads u (and writes y, reads z) at token idx[p]: a scan order given by index (PlainMamba's
+    # zig-zags); Δ, B, C and gap stay per step, as the official PlainMamba reads them
     n_idx = tl.arange(0, BN)
     col = tl.arange(0, T)
     H = tl.zeros((BE, BN), dtype=tl.float32)
@@ -59,7 +61,11 @@ def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bi
     for c in range(NCHUNK):
         mt, p = _tile_positions(c, L, T, REV)
         m2 = me[:, None] & mt[None, :]
-        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_IDX:
+            pu = tl.load(idx + pid_b * si_b + p, mask=mt, other=0)
+        else:
+            pu = p
+        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + pu[None, :], mask=m2, other=0.0).to(tl.float32)
         d_t = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             d_t += d_bias[:, None]
@@ -84,50 +90,59 @@ def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bi
             H = tl.where(n_idx[None, :] == n, h_last[:, None], H)
         if HAS_D:
             acc += d_skip[:, None] * u_t
-        yp = y + pid_b * sy_b + e[:, None] * sy_e + p[None, :]
+        yp = y + pid_b * sy_b + e[:, None] * sy_e + pu[None, :]
         if ACCUM:
             acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
         if FINAL:
             acc = acc * SCALE
             if HAS_Z:
-                z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + p[None, :], mask=m2,
+                z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + pu[None, :], mask=m2,
                               other=0.0).to(tl.float32)
                 acc = acc * z_t / (1.0 + tl.exp(-z_t))
         tl.store(yp, acc.to(y.dtype.element_ty), mask=m2)
 
 @triton.jit
 def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
-             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, E, L, NCHUNK,
+             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, idx, si_d, si_b,
+             E, L, NCHUNK, scale,
              N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
              SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
-             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr):
+             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, HAS_IDX: tl.constexpr):
+    # directions 0..NDIR-1 in turn, each adding to y what the previous ones stored; direction 0 uses (A0, bias0,
+    # D0), the others (A1, bias1, D1); without an index table direction 1 walks the sequence backwards (ViM)
     pid_b, pid_e = tl.program_id(0), tl.program_id(1)
     nb = tl.num_programs(0)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
-    scale = 1.0 / NDIR
-    _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A0, bias0, Bm, sb_b, sb_n,
-                   C, sc_b, sc_n, D0, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, E,
-                   N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, SAVE,
-                   False, NDIR == 1, scale)
-    if NDIR == 2:
-        # direction 1 reads back what direction 0 stored, in another tile order (other threads): make the
-        # stores of every warp of this program visible first
-        tl.debug_barrier()
-        _fwd_direction(pid_b, e, me, L, NCHUNK, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1, bias1,
-                       Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
-                       hchk + nb * E * NCHUNK * N, y, sy_b, sy_e, z, sz_b, sz_e, E,
-                       N, BN, BE, T, True, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, SAVE,
-                       True, True, scale)
+    for d in tl.static_range(NDIR):
+        if d > 0:
+            # this direction reads back what the previous one stored, in another tile order (other threads):
+            # make the stores of every warp of this program visible first
+            tl.debug_barrier()
+        if d == 0:
+            A_d = A0
+            bias_d = bias0
+            D_d = D0
+        else:
+            A_d = A1
+            bias_d = bias1
+            D_d = D1
+        _fwd_direction(pid_b, e, me, L, NCHUNK, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e, A_d, bias_d,
+                       Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
+                       hchk + d * nb * E * NCHUNK * N, y, sy_b, sy_e, z, sz_b, sz_e, idx + d * si_d, si_b, E,
+                       scale, N, BN, BE, T, (d == 1) and not HAS_IDX, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
+                       HAS_GAP, HAS_Z, SAVE, d > 0, d == NDIR - 1, HAS_IDX)
 
 @triton.jit
 def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b,
-                   sb_n, C, sc_b, sc_n, D, gap, sg_b, hchk, gout, sgo_b, sgo_e, z, sz_b, sz_e,
+                   sb_n, C, sc_b, sc_n, D, gap, sg_b, hchk, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b,
                    du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, SCALE,
                    N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
                    SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
-                   HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM_DZ: tl.constexpr):
+                   HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM_DZ: tl.constexpr,
+                   HAS_IDX: tl.constexpr):
     # du/ddt/dz: (b, E, L) contiguous; dBp/dCp: (b, NEB, N, L); dAp: (b, E, N); dDp/dbiasp: (b, E)
+    # with HAS_IDX, u/gout/z/du/dz are at token idx[p] of step p, Δ/B/C/gap and their gradients at step p
     n_idx = tl.arange(0, BN)
     col = tl.arange(0, T)
     mn2 = me[:, None] & (n_idx[None, :] < N)
@@ -150,7 +165,11 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
             pn = p + 1
         mtn = (c * T + col + 1) < L
         m2n = me[:, None] & mtn[None, :]
-        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_IDX:
+            pu = tl.load(idx + pid_b * si_b + p, mask=mt, other=0)
+        else:
+            pu = p
+        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + pu[None, :], mask=m2, other=0.0).to(tl.float32)
         r_t = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
         r_n = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + pn[None, :], mask=m2n, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -175,10 +194,10 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
             s2 = tl.full((BE, T), 1.0, dtype=tl.float32)
             dts = d_t
             dtsn = d_n
-        go = tl.load(gout + pid_b * sgo_b + e[:, None] * sgo_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+        go = tl.load(gout + pid_b * sgo_b + e[:, None] * sgo_e + pu[None, :], mask=m2, other=0.0).to(tl.float32)
         go = go * SCALE
         if HAS_Z:
-            z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
+            z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + pu[None, :], mask=m2, other=0.0).to(tl.float32)
             sig_z = 1.0 / (1.0 + tl.exp(-z_t))
             gy = go * z_t * sig_z
         else:
@@ -219,13 +238,14 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
         if HAS_BIAS:
             dbias += tl.sum(g_ddt, axis=1)
         off = (pid_b * E + e[:, None]) * L + p[None, :]
-        tl.store(du + off, g_du, mask=m2)
+        off_u = (pid_b * E + e[:, None]) * L + pu[None, :]
+        tl.store(du + off_u, g_du, mask=m2)
         tl.store(ddt + off, g_ddt, mask=m2)
         if HAS_Z:
             gz = go * y_acc * sig_z * (1.0 + z_t * (1.0 - sig_z))
             if ACCUM_DZ:
-                gz += tl.load(dz + off, mask=m2, other=0.0)
-            tl.store(dz + off, gz, mask=m2)
+                gz += tl.load(dz + off_u, mask=m2, other=0.0)
+            tl.store(dz + off_u, gz, mask=m2)
     tl.store(dAp + (pid_b * E + e[:, None]) * N + n_idx[None, :], dA, mask=mn2)
     if HAS_D:
         tl.store(dDp + pid_b * E + e, dD, mask=me)
@@ -234,26 +254,31 @@ def _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b,
 
 @triton.jit
 def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
-             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, gout, sgo_b, sgo_e, hchk,
-             du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, L, NCHUNK, NEB,
+             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, gout, sgo_b, sgo_e, hchk, idx, si_d, si_b,
+             du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, L, NCHUNK, NEB, scale,
              N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
              SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
-             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr):
+             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_IDX: tl.constexpr):
     pid_b, pid_e = tl.program_id(0), tl.program_id(1)
     nb = tl.num_programs(0)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
-    scale = 1.0 / NDIR
-    _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b, sd_e, A0, bias0, Bm, sb_b,
-                   sb_n, C, sc_b, sc_n, D0, gap, sg_b, hchk, gout, sgo_b, sgo_e, z, sz_b, sz_e,
-                   du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, E, scale,
-                   N, BN, BE, T, False, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, False)
-    if NDIR == 2:
-        tl.debug_barrier()  # direction 1 adds to dz that direction 0 stored, in another tile order
-        sz_grad = nb * E * L
-        _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + su_d, su_b, su_e, dt + sd_d, sd_b, sd_e, A1,
-                       bias1, Bm + sb_d, sb_b, sb_n, C + sc_d, sc_b, sc_n, D1, gap + sg_d, sg_b,
-                       hchk + nb * E * NCHUNK * N, gout, sgo_b, sgo_e, z, sz_b, sz_e,
-                       du + sz_grad, ddt + sz_grad, dz, dBp + nb * NEB * N * L, dCp + nb * NEB * N * L,
-                       dAp + nb * E * N, dDp + nb * E, dbiasp + nb * E, E, scale,
-                       N, BN, BE, T, True, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, True)
+    sz_grad = nb * E * L
+    for d in tl.static_range(NDIR):
+        if d > 0:
+            tl.debug_barrier()  # this direction adds to dz what the previous one stored, in another tile order
+        if d == 0:
+            A_d = A0
+            bias_d = bias0
+            D_d = D0
+        else:
+            A_d = A1
+            bias_d = bias1
+            D_d = D1
+        _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e,
+                       A_d, bias_d, Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
+                       hchk + d * nb * E * NCHUNK * N, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx + d * si_d, si_b,
+                       du + d * sz_grad, ddt + d * sz_grad, dz, dBp + d * nb * NEB * N * L,
+                       dCp + d * nb * NEB * N * L, dAp + d * nb * E * N, dDp + d * nb * E, dbiasp + d * nb * E, E,
+                       scale, N, BN, BE, T, (d == 1) and not HAS_IDX, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
+                       HAS_GAP, HAS_Z, d > 0, HAS_IDX)

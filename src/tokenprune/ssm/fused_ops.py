@@ -5,7 +5,8 @@ opaque node with known output shapes, and ``meta``/fake tensors run through a mo
 
 Public entry points:
   ``fused_selective_scan(u, dt, A, B, C, ...)``: one or two directions (leading dim NDIR of u, dt, B, C);
-      direction 1 walks the sequence backwards; out = silu(z) · mean over directions of (scan + D·u).
+      direction 1 walks the sequence backwards; out = silu(z) · mean over directions of (scan + D·u). With an
+      index table ``idx``, up to four directions, each scanning the tokens in its own order (PlainMamba).
   ``conv1d_silu(x, w0, b0, w1=None, b1=None)``: silu(causal depthwise conv), and silu(anti-causal conv with
       (w1, b1)) as a second direction: output (NDIR, b, E, L).
 Every tensor may be a strided view with unit stride along L; outputs follow the (b, E) memory order of the
@@ -53,11 +54,11 @@ def _scan_shapes(u, A0):
 def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[torch.Tensor],
              B: torch.Tensor, C: torch.Tensor, D0: Optional[torch.Tensor], D1: Optional[torch.Tensor],
              z: Optional[torch.Tensor], bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor],
-             gap: Optional[torch.Tensor], softplus: bool, a_is_log: bool, save: bool,
-             out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+             gap: Optional[torch.Tensor], idx: Optional[torch.Tensor], softplus: bool, a_is_log: bool,
+             save: bool, scale: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     import triton
     ndir, b, E, L, N = _scan_shapes(u, A0)
-    u, dt, B, C, z, gap = map(_unit_l, (u, dt, B, C, z, gap))
+    u, dt, B, C, z, gap, idx = map(_unit_l, (u, dt, B, C, z, gap, idx))
     be, t, warps = triton_scan.tile_config(L)
     nchunk = triton.cdiv(L, t)
     y = _like_bel(u[0], (), out_dtype)
@@ -71,15 +72,21 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         A0, A1 if A1 is not None else A0, bias0 if bias0 is not None else any_,
         bias1 if bias1 is not None else any_, B, B.stride(0), B.stride(1), B.stride(2),
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
-        gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), y, *_bel_strides(y), hchk, E, L, nchunk,
+        gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), y, *_bel_strides(y), hchk,
+        *_index_args(idx, gg), E, L, nchunk, float(scale),
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus, HAS_BIAS=bias0 is not None,
         A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None, HAS_Z=z is not None, SAVE=save,
-        num_warps=warps)
+        HAS_IDX=idx is not None, num_warps=warps)
     return y, hchk
 
 
+def _index_args(idx, dummy):
+    # (pointer, direction stride, batch stride) of the (NDIR, b, L) index table; a dummy when there is none
+    return (idx, idx.stride(0), idx.stride(1)) if idx is not None else (dummy, 0, 0)
+
+
 @scan_fwd.register_fake
-def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, softplus, a_is_log, save, out_dtype):
+def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, softplus, a_is_log, save, scale, out_dtype):
     ndir, b, E, L, N = _scan_shapes(u, A0)
     nchunk = triton_scan.num_chunks(L)  # must equal the real op's: compiled graphs trust these shapes
     hchk = u.new_empty((ndir, b, E, nchunk, N) if save else (1,), dtype=torch.float32)
@@ -90,12 +97,14 @@ def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, softplus, a_is_log, sav
 def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[torch.Tensor],
              B: torch.Tensor, C: torch.Tensor, D0: Optional[torch.Tensor], D1: Optional[torch.Tensor],
              z: Optional[torch.Tensor], bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor],
-             gap: Optional[torch.Tensor], hchk: torch.Tensor, gout: torch.Tensor, softplus: bool,
-             a_is_log: bool) -> List[torch.Tensor]:
-    """[du, ddt, dA (NDIR, E, N), dB, dC, dD (NDIR, E), dz, dbias (NDIR, E)]; absent inputs get empty grads."""
+             gap: Optional[torch.Tensor], idx: Optional[torch.Tensor], hchk: torch.Tensor, gout: torch.Tensor,
+             softplus: bool, a_is_log: bool, scale: float) -> List[torch.Tensor]:
+    """[du, ddt, dA (NDIR, E, N), dB, dC, dD (NDIR, E), dz, dbias (NDIR, E)]; absent inputs get empty grads.
+    du and ddt per direction (NDIR, b, E, L): inputs shared by the directions come as stride-0 expansions,
+    whose gradient autograd sums."""
     import triton
     ndir, b, E, L, N = _scan_shapes(u, A0)
-    u, dt, B, C, z, gap, gout = map(_unit_l, (u, dt, B, C, z, gap, gout))
+    u, dt, B, C, z, gap, gout, idx = map(_unit_l, (u, dt, B, C, z, gap, gout, idx))
     be, t, warps = triton_scan.tile_config(L)
     nchunk = triton.cdiv(L, t)
     neb = triton.cdiv(E, be)
@@ -118,16 +127,16 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         bias1 if bias1 is not None else any_, B, B.stride(0), B.stride(1), B.stride(2),
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
         gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), gout, *_bel_strides(gout), hchk,
-        du, ddt, dz, dBp, dCp, dAp, dDp, dbp, E, L, nchunk, neb,
+        *_index_args(idx, gg), du, ddt, dz, dBp, dCp, dAp, dDp, dbp, E, L, nchunk, neb, float(scale),
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus,
         HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
-        HAS_Z=z is not None, num_warps=warps)
+        HAS_Z=z is not None, HAS_IDX=idx is not None, num_warps=warps)
     return [du, ddt, dAp.sum(1), dBp.sum(2).to(B.dtype), dCp.sum(2).to(C.dtype), dDp.sum(1),
             dz, dbp.sum(1)]
 
 
 @scan_bwd.register_fake
-def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, hchk, gout, softplus, a_is_log):
+def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, hchk, gout, softplus, a_is_log, scale):
     ndir, b, E, L, N = _scan_shapes(u, A0)
     f32 = torch.float32
     dz = u.new_empty((b, E, L), dtype=z.dtype) if z is not None else u.new_empty((1,))
@@ -137,44 +146,45 @@ def _(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, hchk, gout, softplus, a
             u.new_empty((ndir, E), dtype=f32)]
 
 
-_SCAN_INPUTS = ("u", "dt", "A0", "A1", "B", "C", "D0", "D1", "z", "bias0", "bias1", "gap")
-
-
 def _scan_setup(ctx, inputs, output):
-    (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, softplus, a_is_log, save, out_dtype) = inputs
-    ctx.flags = (softplus, a_is_log)
-    ctx.present = [x is not None for x in (A1, D0, D1, z, bias0, bias1, gap)]
-    ctx.save_for_backward(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, output[1])
+    (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, softplus, a_is_log, save, scale, out_dtype) = inputs
+    ctx.flags = (softplus, a_is_log, scale)
+    ctx.save_for_backward(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, output[1])
 
 
 def _scan_backward(ctx, gy, _ghchk):
-    u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, hchk = ctx.saved_tensors
+    u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, hchk = ctx.saved_tensors
     if hchk.dim() != 5:
         raise RuntimeError("tokenprune::scan_fwd ran without save=True; its states are needed for backward "
                            "(call fused_selective_scan, which sets it when a gradient is needed)")
-    du, ddt, dA, dB, dC, dD, dz, dbias = scan_bwd(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, hchk,
-                                                  gy, *ctx.flags)
-    two = A1 is not None
+    softplus, a_is_log, scale = ctx.flags
+    du, ddt, dA, dB, dC, dD, dz, dbias = scan_bwd(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx, hchk,
+                                                  gy, softplus, a_is_log, scale)
+    more = A1 is not None  # directions 1.. share (A1, D1, bias1)
 
     def cast(g, like):
         return None if like is None else g.to(like.dtype)
-    return (du, ddt, cast(dA[0], A0), cast(dA[1], A1) if two else None, dB, dC,
-            cast(dD[0], D0), cast(dD[1], D1) if two and D1 is not None else None,
+    return (du, ddt, cast(dA[0], A0), cast(dA[1:].sum(0), A1) if more else None, dB, dC,
+            cast(dD[0], D0), cast(dD[1:].sum(0), D1) if more and D1 is not None else None,
             dz if z is not None else None, cast(dbias[0], bias0),
-            cast(dbias[1], bias1) if two and bias1 is not None else None, None, None, None, None, None)
+            cast(dbias[1:].sum(0), bias1) if more and bias1 is not None else None,
+            None, None, None, None, None, None, None)  # gap, idx and the non-tensor arguments
 
 
 torch.library.register_autograd("tokenprune::scan_fwd", _scan_backward, setup_context=_scan_setup)
 
 
-def _check_scan_inputs(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap):
+def _check_scan_inputs(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx):
     if u.dim() != 4:
         raise ValueError(f"fused_selective_scan: u must be (NDIR, batch, E, L), got shape {tuple(u.shape)}")
     ndir, b, E, L = u.shape
-    if ndir not in (1, 2):
-        raise ValueError(f"fused_selective_scan: NDIR (u.shape[0]) must be 1 or 2, got {ndir}")
-    if (ndir == 2) != (A1 is not None):
-        raise ValueError(f"fused_selective_scan: A1 is required exactly when NDIR == 2 (NDIR={ndir})")
+    if ndir not in ((1, 2) if idx is None else (1, 2, 3, 4)):
+        raise ValueError(f"fused_selective_scan: NDIR (u.shape[0]) must be 1 or 2 (1 to 4 with idx), got {ndir}")
+    if (ndir >= 2) != (A1 is not None):
+        raise ValueError(f"fused_selective_scan: A1 is required exactly when NDIR >= 2 (NDIR={ndir})")
+    if idx is not None and (tuple(idx.shape) != (ndir, b, L) or idx.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"fused_selective_scan: idx must be an int32/int64 tensor of shape {(ndir, b, L)}, got "
+                         f"{idx.dtype} {tuple(idx.shape)}")
     N = A0.shape[-1]
     expected = {"dt": (dt, (ndir, b, E, L)), "A0": (A0, (E, N)), "A1": (A1, (E, N)), "B": (B, (ndir, b, N, L)),
                 "C": (C, (ndir, b, N, L)), "D0": (D0, (E,)), "D1": (D1, (E,)), "z": (z, (b, E, L)),
@@ -182,26 +192,33 @@ def _check_scan_inputs(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap):
     for name, (x, shape) in expected.items():
         if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"fused_selective_scan: {name} has shape {tuple(x.shape)}, expected {shape}")
-    devices = {x.device for x in (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap) if x is not None}
+    devices = {x.device for x in (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx) if x is not None}
     if len(devices) != 1:
         raise ValueError(f"fused_selective_scan: all inputs must be on one device, got {sorted(map(str, devices))}")
     for name, x in zip(("u", "dt", "B", "C", "z"), (u, dt, B, C, z)):
         if x is not None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"fused_selective_scan: {name} has dtype {x.dtype}; expected float32, float16 or "
                              "bfloat16 (float64 runs on the reference scan)")
-    if ndir == 2 and ((D0 is None) != (D1 is None) or (bias0 is None) != (bias1 is None)):
+    if ndir >= 2 and ((D0 is None) != (D1 is None) or (bias0 is None) != (bias1 is None)):
         raise ValueError("fused_selective_scan: D and bias must be given for both directions or neither")
 
 
 def fused_selective_scan(u, dt, A0, B, C, D0=None, z=None, bias0=None, *, A1=None, D1=None, bias1=None,
-                         gap=None, softplus=False, a_is_log=False, out_dtype=None):
+                         gap=None, idx=None, softplus=False, a_is_log=False, scale=None, out_dtype=None):
     """See the module docstring. u, dt: (NDIR, b, E, L); B, C: (NDIR, b, N, L); A*: (E, N) (A_log when
     ``a_is_log``); D*, bias*: (E,); z: (b, E, L); gap: (NDIR, b, L) decay scale per token (1 + gap), in
-    token order for both directions. Returns (b, E, L) in ``out_dtype`` (default u's)."""
-    _check_scan_inputs(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap)
-    args = (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap)
+    token order for both directions. Returns (b, E, L) in ``out_dtype`` (default u's),
+    silu(z) · scale · Σ_directions (scan + D·u), scale 1/NDIR by default (ViM's mean).
+
+    ``idx`` (NDIR, b, L) long: scan orders by index (PlainMamba's zig-zags, up to four directions in one launch):
+    step j of direction d reads u at token idx[d, :, j] and adds its output there (z gates token order), while
+    Δ, B, C and gap are read at step j; without it direction 1 walks the sequence backwards. Directions 1..
+    use (A1, D1, bias1). Inputs shared by the directions may be stride-0 expansions."""
+    _check_scan_inputs(u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx)
+    args = (u, dt, A0, A1, B, C, D0, D1, z, bias0, bias1, gap, idx)
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args)
-    y, _ = scan_fwd(*args, bool(softplus), bool(a_is_log), save, out_dtype or u.dtype)
+    scale = 1.0 / u.shape[0] if scale is None else float(scale)
+    y, _ = scan_fwd(*args, bool(softplus), bool(a_is_log), save, scale, out_dtype or u.dtype)
     return y
 
 
