@@ -164,10 +164,13 @@ def _scan_backward(ctx, gy, _ghchk):
 
     def cast(g, like):
         return None if like is None else g.to(like.dtype)
-    return (du, ddt, cast(dA[0], A0), cast(dA[1:].sum(0), A1) if more else None, dB, dC,
-            cast(dD[0], D0), cast(dD[1:].sum(0), D1) if more and D1 is not None else None,
+
+    def rest(g):  # directions 1.. (a view when there is only one)
+        return g[1] if g.shape[0] == 2 else g[1:].sum(0)
+    return (du, ddt, cast(dA[0], A0), cast(rest(dA), A1) if more else None, dB, dC,
+            cast(dD[0], D0), cast(rest(dD), D1) if more and D1 is not None else None,
             dz if z is not None else None, cast(dbias[0], bias0),
-            cast(dbias[1:].sum(0), bias1) if more and bias1 is not None else None,
+            cast(rest(dbias), bias1) if more and bias1 is not None else None,
             None, None, None, None, None, None, None)  # gap, idx and the non-tensor arguments
 
 
