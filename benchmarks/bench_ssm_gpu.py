@@ -119,8 +119,13 @@ def section_scan(lines, quick, sweep):
                    bias1=x["bias1"], softplus=True)}
         if have_mamba:
             fns["mamba-ssm selective_scan_fn, 1 direction"] = lambda: selective_scan_fn(**one)
-        with torch.no_grad():
+        with torch.no_grad():  # inference: the one-channel-per-thread kernel
             t = bench(fns)
+        lv = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+        t.update(bench({"ours, ViM bidirectional, training fwd (chunked kernel, states saved)":
+                        lambda: fused_selective_scan(lv["u"], lv["dt"], lv["A"], lv["B"], lv["C"], lv["D"], lv["z"],
+                                                     lv["bias"], A1=lv["A1"], D1=lv["D1"], bias1=lv["bias1"],
+                                                     softplus=True)}))
         c1 = copy_time(scan_bytes(b, E, N, L, elt, 1))
         c2 = copy_time(scan_bytes(b, E, N, L, elt, 2))
         for name, sec in t.items():
@@ -158,15 +163,24 @@ def section_scan(lines, quick, sweep):
         lines.append("\n### Tile sweep (bidirectional fused scan, bf16, ViM-S shape; ptxas spills per tile in "
                      "results_triton_sm90.md)\n")
         x = scan_inputs(b, E, N, L, torch.bfloat16, ndir=2)
-        srows = []
-        # the shipped tile first, then the tiles that spill nothing on sm_90 (triton_sm90.py), then the old default
-        for tile in ("16,32,4", "8,32,2", "32,32,8", "8,64,4", "16,64,8", "32,64,4"):
-            os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+        irows = []  # the inference kernel (fwd without saved states), T steps per thread x warps
+        for tile in ("32,2", "16,2", "32,4", "16,4", "8,2", "32,1"):
+            os.environ["TOKENPRUNE_SCAN_INFER_TILE"] = tile
             try:
                 with torch.no_grad():
                     t = bench({"f": lambda: fused_selective_scan(
                         x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"],
                         D1=x["D1"], bias1=x["bias1"], softplus=True)}, iters=10, rounds=3)["f"]
+                irows.append({"inference T,warps": tile, "fwd ms": f"{t * 1e3:.3f}"})
+            except Exception as exc:  # noqa: BLE001
+                irows.append({"inference T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
+            os.environ.pop("TOKENPRUNE_SCAN_INFER_TILE")
+        lines.append(table(irows, ["inference T,warps", "fwd ms"]) + "\n")
+        srows = []  # the training kernels (fwd with saved states + bwd)
+        # the shipped tile first, then the tiles that spill nothing on sm_90 (triton_sm90.py), then the old default
+        for tile in ("16,32,4", "8,32,2", "32,32,8", "8,64,4", "16,64,8", "32,64,4"):
+            os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+            try:
                 leaves = {k: v.clone().requires_grad_() if v is not None and v.is_floating_point() else v
                           for k, v in x.items()}
                 gy = torch.randn_like(x["z"])
@@ -176,12 +190,12 @@ def section_scan(lines, quick, sweep):
                                          leaves["D"], leaves["z"], leaves["bias"], A1=leaves["A1"],
                                          D1=leaves["D1"], bias1=leaves["bias1"], softplus=True).backward(gy)
                 tb = bench({"fb": fwd_bwd}, iters=5, rounds=3)["fb"]
-                srows.append({"BE,T,warps": tile, "fwd ms": f"{t * 1e3:.3f}", "fwd+bwd ms": f"{tb * 1e3:.3f}"})
+                srows.append({"training BE,T,warps": tile, "fwd+bwd ms": f"{tb * 1e3:.3f}"})
             except Exception as exc:  # noqa: BLE001
-                srows.append({"BE,T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120],
-                              "fwd+bwd ms": ""})
+                srows.append({"training BE,T,warps": tile,
+                              "fwd+bwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
             os.environ.pop("TOKENPRUNE_SCAN_TILE")
-        lines.append(table(srows, ["BE,T,warps", "fwd ms", "fwd+bwd ms"]))
+        lines.append(table(srows, ["training BE,T,warps", "fwd+bwd ms"]))
 
 
 def section_mixer(lines):

@@ -44,6 +44,7 @@ class Resources:
     shared: int
     num_warps: int
     seconds: float
+    inner_loop: int = 0  # SASS instructions of the scan's loop over states (see innermost_loop_instructions)
 
     @property
     def spills(self) -> bool:
@@ -115,7 +116,36 @@ def ptxas_resources(name: str, kernel, seconds: float) -> Resources:
         return int(m.group(1))
     return Resources(name, grab(r"Used (\d+) registers"), grab(r"(\d+) bytes spill stores"),
                      grab(r"(\d+) bytes spill loads"), grab(r"(\d+) bytes stack frame"),
-                     int(kernel.metadata.shared), int(kernel.metadata.num_warps), seconds)
+                     int(kernel.metadata.shared), int(kernel.metadata.num_warps), seconds,
+                     innermost_loop_instructions(kernel))
+
+
+def innermost_loop_instructions(kernel) -> int:
+    """SASS instructions of the smallest loop that contains no other loop and computes an exponential (a
+    backward branch's span, from cuobjdump of the cubin): for the scan, the work of one state over one chunk in
+    the steady state (a masked tail chunk, where a kernel has one, is a larger copy of the same loop)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(kernel.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    addrs, exps = [], []
+    loops = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if not m:
+            continue
+        here = int(m.group(1), 16)
+        addrs.append(here)
+        if "MUFU.EX2" in m.group(2):
+            exps.append(here)
+        if "BRA" in m.group(2):
+            target = re.search(r"0x([0-9a-f]+)", m.group(2).split("BRA", 1)[1])
+            if target and int(target.group(1), 16) < here:
+                loops.append((int(target.group(1), 16), here))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+             and any(a <= x <= b for x in exps)]
+    return min((sum(a <= x <= b for x in addrs) for a, b in inner), default=0)
 
 
 # ---- the launchers, on CPU tensors of ViM-S's shapes ------------------------------------------------------
@@ -172,6 +202,9 @@ def launch_norm(dtype=torch.float32, backward=False, D=384):
 
 CASES: Dict[str, Callable[[], None]] = {
     "scan_fwd": lambda: launch_scan_fwd(),
+    "scan_infer": lambda: launch_scan_fwd(save=False),  # inference: the one-channel-per-thread kernel
+    "scan_infer_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True, save=False),
+    "scan_infer_bf16": lambda: launch_scan_fwd(torch.bfloat16, save=False),
     "scan_fwd_gap": lambda: launch_scan_fwd(gap=True),
     "scan_fwd_bf16": lambda: launch_scan_fwd(torch.bfloat16),
     "scan_fwd_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True),  # PlainMamba: 4 orders by index
@@ -187,51 +220,67 @@ CASES: Dict[str, Callable[[], None]] = {
 
 def compile_case(case: str, tile: Optional[str] = None) -> List[Resources]:
     """Compile one case (a key of CASES) for sm_90, the scan at `tile` ("BE,T,warps") if given."""
-    saved = os.environ.get("TOKENPRUNE_SCAN_TILE")
+    var = "TOKENPRUNE_SCAN_INFER_TILE" if case.startswith("scan_infer") else "TOKENPRUNE_SCAN_TILE"
+    saved = os.environ.get(var)
     if tile is not None:
-        os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+        os.environ[var] = tile
     try:
         with sm90_compile_only() as compiled:
             CASES[case]()
     finally:
         if tile is not None:
             if saved is None:
-                os.environ.pop("TOKENPRUNE_SCAN_TILE", None)
+                os.environ.pop(var, None)
             else:
-                os.environ["TOKENPRUNE_SCAN_TILE"] = saved
+                os.environ[var] = saved
     return [ptxas_resources(f"{case}", k, s) for _, k, s in compiled]
 
 
-def _row(r: Resources, tile: str) -> str:
+def _scan_tile(case: str, L: int = 197):
+    """(BE, T, warps) a scan case compiles with, and the (token, channel) pairs one thread handles per state."""
+    from tokenprune.ssm import triton_scan
+    if case.startswith("scan_infer"):
+        be, t, warps = triton_scan.infer_tile_config(L)
+        return (be, t, warps), t  # one channel per thread, T steps
+    be, t, warps = triton_scan.tile_config(L)
+    return (be, t, warps), be * t // (32 * warps)
+
+
+def _row(r: Resources, case: str) -> str:
     verdict = "spills" if r.spills else ("too much shared" if r.shared > SM90_SHARED_BYTES else "ok")
+    tile, per_state = "-", "-"
+    if case.startswith("scan"):
+        (be, t, _), elems = _scan_tile(case)
+        tile, per_state = f"{be},{t}", f"{r.inner_loop / elems:.1f}"
     return (f"| {r.kernel} | {tile} | {r.num_warps} | {r.registers} | {r.spill_stores:,} | {r.spill_loads:,} | "
-            f"{r.stack:,} | {r.shared:,} | {verdict} | {r.seconds:.0f} |")
+            f"{r.stack:,} | {r.shared:,} | {verdict} | {per_state} | {r.seconds:.0f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--sweep", nargs="*", default=None, metavar="BE,T,WARPS",
-                    help="scan tiles to compile (scan cases only)")
+                    help="training scan tiles to compile (TOKENPRUNE_SCAN_TILE; scan cases only); an inference "
+                         "case (scan_infer*) takes 'T,warps' (TOKENPRUNE_SCAN_INFER_TILE)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results_triton_sm90.md"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from common import append_results, header
-    from tokenprune.ssm import triton_scan
     cases = [c for c in args.kernels.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown kernels {unknown}; expected some of {list(CASES)}")
     tiles = args.sweep or [None]
     lines = ["| kernel case | scan tile BE,T | warps | registers | spill stores (B) | spill loads (B) | stack (B) "
-             "| shared (B) | verdict | compile s |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| shared (B) | verdict | SASS instrs per (token, channel, state) | compile s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for tile in tiles:
         for case in cases:
-            if tile is not None and not case.startswith("scan"):
+            if tile is not None and (not case.startswith("scan")
+                                     or case.startswith("scan_infer") != (tile.count(",") == 1)):
                 continue
-            shown = tile or ("%d,%d,%d" % triton_scan.DEFAULT_TILE if case.startswith("scan") else "-")
             for r in compile_case(case, tile):
-                line = _row(r, ",".join(shown.split(",")[:2]) if shown != "-" else "-")
+                line = _row(r, case)
                 print(line, flush=True)
                 lines.append(line)
     import triton

@@ -23,6 +23,9 @@ recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} as a reverse associative scan. Gr
 channels (B, C) and across the batch (A, D, bias) are written as per-program partials and summed in torch
 (deterministic, no atomics).
 
+Inference runs a second forward kernel (``inference_kernel``): one channel per thread, the T steps of a chunk
+in registers, so the associative scans need no shuffles across lanes (see _scan_kernels.scan_fwd_lanes).
+
 ``TRITON_INTERPRET=1`` (set before the first use) runs the same kernels on CPU tensors; the tests use it.
 """
 import os
@@ -50,6 +53,12 @@ def kernels():
     return k.scan_fwd, k.scan_bwd
 
 
+def inference_kernel():
+    """The forward without saved states, one channel per thread (see _scan_kernels.scan_fwd_lanes)."""
+    from . import _scan_kernels as k
+    return k.scan_fwd_lanes
+
+
 # Tile sizes: BE channels x T steps per program, warps. Chosen without a GPU from what ptxas gives each tile for
 # sm_90 (benchmarks/triton_sm90.py, benchmarks/results_triton_sm90.md): no register spills in the forward or the
 # backward, and a chunk of T = 32 steps lies within one warp, so its associative scans need no exchange between
@@ -73,6 +82,26 @@ def tile_config(L):
         be, t, warps = DEFAULT_TILE
     t = min(t, max(16, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     return be, t, warps
+
+
+# Inference tile: T steps per chunk in each thread's registers, `warps` warps, one channel per lane (BE = 32·warps).
+# T = 32 spills nothing on sm_90 at 2 warps (255 registers); TOKENPRUNE_SCAN_INFER_TILE="T,warps" overrides.
+INFER_TILE = (32, 2)
+
+
+def infer_tile_config(L):
+    """(BE, T, warps) of the inference kernel for length L."""
+    env = os.environ.get("TOKENPRUNE_SCAN_INFER_TILE", "").strip()
+    t, warps = INFER_TILE
+    if env:
+        try:
+            t, warps = (int(x) for x in env.split(","))
+        except ValueError:
+            t = warps = 0
+        if t < 1 or warps < 1 or t & (t - 1) or warps & (warps - 1):
+            raise ValueError(f"TOKENPRUNE_SCAN_INFER_TILE={env!r}: expected 'T,warps', powers of two, e.g. '32,2'")
+    t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
+    return 32 * warps, t, warps
 
 
 def num_chunks(L):
