@@ -122,7 +122,7 @@ def section_scan(lines, quick, sweep):
         with torch.no_grad():  # inference: the one-channel-per-thread kernel
             t = bench(fns)
         lv = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
-        t.update(bench({"ours, ViM bidirectional, training fwd (chunked kernel, states saved)":
+        t.update(bench({"ours, ViM bidirectional, training fwd (states saved for the backward)":
                         lambda: fused_selective_scan(lv["u"], lv["dt"], lv["A"], lv["B"], lv["C"], lv["D"], lv["z"],
                                                      lv["bias"], A1=lv["A1"], D1=lv["D1"], bias1=lv["bias1"],
                                                      softplus=True)}))
@@ -163,20 +163,20 @@ def section_scan(lines, quick, sweep):
         lines.append("\n### Tile sweep (bidirectional fused scan, bf16, ViM-S shape; ptxas spills per tile in "
                      "results_triton_sm90.md)\n")
         x = scan_inputs(b, E, N, L, torch.bfloat16, ndir=2)
-        irows = []  # the inference kernel (fwd without saved states), T steps per thread x warps
+        irows = []  # the forward kernel (inference: no saved states), T steps per thread x warps
         for tile in ("32,2", "16,2", "32,4", "16,4", "8,2", "32,1"):
-            os.environ["TOKENPRUNE_SCAN_INFER_TILE"] = tile
+            os.environ["TOKENPRUNE_SCAN_FWD_TILE"] = tile
             try:
                 with torch.no_grad():
                     t = bench({"f": lambda: fused_selective_scan(
                         x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"],
                         D1=x["D1"], bias1=x["bias1"], softplus=True)}, iters=10, rounds=3)["f"]
-                irows.append({"inference T,warps": tile, "fwd ms": f"{t * 1e3:.3f}"})
+                irows.append({"forward T,warps": tile, "fwd ms": f"{t * 1e3:.3f}"})
             except Exception as exc:  # noqa: BLE001
-                irows.append({"inference T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
-            os.environ.pop("TOKENPRUNE_SCAN_INFER_TILE")
-        lines.append(table(irows, ["inference T,warps", "fwd ms"]) + "\n")
-        srows = []  # the training kernels (fwd with saved states + bwd)
+                irows.append({"forward T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
+            os.environ.pop("TOKENPRUNE_SCAN_FWD_TILE")
+        lines.append(table(irows, ["forward T,warps", "fwd ms"]) + "\n")
+        srows = []  # training: the backward's tile (its T is also the chunk of the states the forward saves)
         # the shipped tile first, then the tiles that spill nothing on sm_90 (triton_sm90.py), then the old default
         for tile in ("16,32,4", "8,32,2", "32,32,8", "8,64,4", "16,64,8", "32,64,4"):
             os.environ["TOKENPRUNE_SCAN_TILE"] = tile
@@ -190,12 +190,12 @@ def section_scan(lines, quick, sweep):
                                          leaves["D"], leaves["z"], leaves["bias"], A1=leaves["A1"],
                                          D1=leaves["D1"], bias1=leaves["bias1"], softplus=True).backward(gy)
                 tb = bench({"fb": fwd_bwd}, iters=5, rounds=3)["fb"]
-                srows.append({"training BE,T,warps": tile, "fwd+bwd ms": f"{tb * 1e3:.3f}"})
+                srows.append({"backward BE,T,warps": tile, "fwd+bwd ms": f"{tb * 1e3:.3f}"})
             except Exception as exc:  # noqa: BLE001
-                srows.append({"training BE,T,warps": tile,
+                srows.append({"backward BE,T,warps": tile,
                               "fwd+bwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
             os.environ.pop("TOKENPRUNE_SCAN_TILE")
-        lines.append(table(srows, ["training BE,T,warps", "fwd+bwd ms"]))
+        lines.append(table(srows, ["backward BE,T,warps", "fwd+bwd ms"]))
 
 
 def section_mixer(lines):

@@ -3,7 +3,7 @@ what the hardware would get: registers per thread, spill stores/loads, stack fra
 
     python benchmarks/triton_sm90.py                        # every kernel at the shipped tiles (table appended
                                                             # to benchmarks/results_triton_sm90.md)
-    python benchmarks/triton_sm90.py --sweep 32,64,4 16,64,4   # scan tiles BE,T,warps (forward and backward)
+    python benchmarks/triton_sm90.py --sweep 32,64,4 16,64,4   # backward tiles BE,T,warps ("T,warps": forward)
     python benchmarks/triton_sm90.py --kernels scan_fwd --no-write
 
 Why: GPU time is short here, and a kernel that spills registers to local memory runs far from the memory
@@ -202,7 +202,7 @@ def launch_norm(dtype=torch.float32, backward=False, D=384):
 
 CASES: Dict[str, Callable[[], None]] = {
     "scan_fwd": lambda: launch_scan_fwd(),
-    "scan_infer": lambda: launch_scan_fwd(save=False),  # inference: the one-channel-per-thread kernel
+    "scan_infer": lambda: launch_scan_fwd(save=False),  # inference: no states saved
     "scan_infer_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True, save=False),
     "scan_infer_bf16": lambda: launch_scan_fwd(torch.bfloat16, save=False),
     "scan_fwd_gap": lambda: launch_scan_fwd(gap=True),
@@ -220,7 +220,7 @@ CASES: Dict[str, Callable[[], None]] = {
 
 def compile_case(case: str, tile: Optional[str] = None) -> List[Resources]:
     """Compile one case (a key of CASES) for sm_90, the scan at `tile` ("BE,T,warps") if given."""
-    var = "TOKENPRUNE_SCAN_INFER_TILE" if case.startswith("scan_infer") else "TOKENPRUNE_SCAN_TILE"
+    var = "TOKENPRUNE_SCAN_TILE" if case.startswith("scan_bwd") else "TOKENPRUNE_SCAN_FWD_TILE"
     saved = os.environ.get(var)
     if tile is not None:
         os.environ[var] = tile
@@ -239,11 +239,11 @@ def compile_case(case: str, tile: Optional[str] = None) -> List[Resources]:
 def _scan_tile(case: str, L: int = 197):
     """(BE, T, warps) a scan case compiles with, and the (token, channel) pairs one thread handles per state."""
     from tokenprune.ssm import triton_scan
-    if case.startswith("scan_infer"):
-        be, t, warps = triton_scan.infer_tile_config(L)
-        return (be, t, warps), t  # one channel per thread, T steps
-    be, t, warps = triton_scan.tile_config(L)
-    return (be, t, warps), be * t // (32 * warps)
+    if case.startswith("scan_bwd"):
+        be, t, warps = triton_scan.tile_config(L)
+        return (be, t, warps), be * t // (32 * warps)  # channels x steps tiles
+    be, t, warps = triton_scan.fwd_tile_config(L, save=not case.startswith("scan_infer"))
+    return (be, t, warps), t  # the forward: one channel per thread, T steps
 
 
 def _row(r: Resources, case: str) -> str:
@@ -260,8 +260,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--sweep", nargs="*", default=None, metavar="BE,T,WARPS",
-                    help="training scan tiles to compile (TOKENPRUNE_SCAN_TILE; scan cases only); an inference "
-                         "case (scan_infer*) takes 'T,warps' (TOKENPRUNE_SCAN_INFER_TILE)")
+                    help="scan tiles to compile: the backward (scan_bwd*) takes 'BE,T,warps' "
+                         "(TOKENPRUNE_SCAN_TILE), the forward 'T,warps' (TOKENPRUNE_SCAN_FWD_TILE)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results_triton_sm90.md"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -277,7 +277,7 @@ def main() -> None:
     for tile in tiles:
         for case in cases:
             if tile is not None and (not case.startswith("scan")
-                                     or case.startswith("scan_infer") != (tile.count(",") == 1)):
+                                     or case.startswith("scan_bwd") != (tile.count(",") == 2)):
                 continue
             for r in compile_case(case, tile):
                 line = _row(r, case)

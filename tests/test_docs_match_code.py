@@ -101,7 +101,7 @@ def test_documented_tile_sizes_are_the_kernels():
 
     text = (ROOT / "docs/ARCHITECTURE.md").read_text()
     for name, value in (("triton_scan.DEFAULT_TILE", triton_scan.DEFAULT_TILE),
-                        ("triton_scan.INFER_TILE", triton_scan.INFER_TILE),
+                        ("triton_scan.FWD_TILE", triton_scan.FWD_TILE),
                         ("triton_conv.CONV_TILE", triton_conv.CONV_TILE)):
         found = re.findall(re.escape(name) + r"` = \(([\d, ]+)\)", text)
         assert len(found) == 1, name

@@ -48,17 +48,17 @@ def test_every_kernel_compiles_for_sm90_without_spills():
         assert r["registers"] <= 255 and r["verdict"] == "ok", (case, r)
 
 
-def test_the_inference_scan_keeps_its_scans_in_registers():
-    """The inference kernel (one channel per thread) needs far fewer instructions per (token, channel, state)
-    than the chunked training kernel, whose scans shuffle across the lanes (69 per state on sm_90; 14 here):
-    a layout regression (e.g. Triton putting the steps back on the lanes) shows up as shuffles here."""
+def test_the_forward_scan_keeps_its_scans_in_registers():
+    """The forward (one channel per thread, the steps in registers) stays near 14 SASS instructions per (token,
+    channel, state), training and inference: a layout regression (Triton putting the steps back on the lanes,
+    as the earlier chunked forward had them: 69 per state at 2db7926) shows up here as shuffles."""
     rows = _table("--kernels", "scan_fwd,scan_infer,scan_infer_bf16,scan_infer_4idx")
-    for case in ("scan_infer", "scan_infer_bf16", "scan_infer_4idx"):
-        assert rows[case]["per_state"] < rows["scan_fwd"]["per_state"] / 3, rows
+    for case in ("scan_fwd", "scan_infer", "scan_infer_bf16", "scan_infer_4idx"):
+        assert rows[case]["per_state"] <= 20, rows
 
 
 def test_the_check_sees_spills():
-    """The old unrolled-era tile (32 channels x 64 steps, 4 warps) still spills in the scan's backward: the
-    parser above reads real ptxas numbers, not a default."""
+    """The old tile (32 channels x 64 steps, 4 warps) still spills in the scan's backward: the parser above
+    reads real ptxas numbers, not a default."""
     rows = _table("--kernels", "scan_bwd", "--sweep", "32,64,4")
     assert rows["scan_bwd"]["spill_stores"] > 0 and rows["scan_bwd"]["verdict"] == "spills", rows

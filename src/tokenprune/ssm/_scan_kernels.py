@@ -42,112 +42,21 @@ def _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n, dts,
     return a_n, b_n, c_n, drive, cx + ca * h0[:, None]
 
 
-@triton.jit
-def _fwd_direction(pid_b, e, me, L, NCHUNK, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b, sb_n,
-                   C, sc_b, sc_n, D, gap, sg_b, hchk, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, E, SCALE,
-                   N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
-                   HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr,
-                   ACCUM: tl.constexpr, FINAL: tl.constexpr, HAS_IDX: tl.constexpr):
-    # with HAS_IDX, step p reads u (and writes y, reads z) at token idx[p]: a scan order given by index (PlainMamba's
-    # zig-zags); Δ, B, C and gap stay per step, as the official PlainMamba reads them
-    n_idx = tl.arange(0, BN)
-    col = tl.arange(0, T)
-    H = tl.zeros((BE, BN), dtype=tl.float32)
-    if HAS_BIAS:
-        d_bias = tl.load(bias + e, mask=me, other=0.0).to(tl.float32)
-    if HAS_D:
-        d_skip = tl.load(D + e, mask=me, other=0.0).to(tl.float32)
-    for c in range(NCHUNK):
-        mt, p = _tile_positions(c, L, T, REV)
-        m2 = me[:, None] & mt[None, :]
-        if HAS_IDX:
-            pu = tl.load(idx + pid_b * si_b + p, mask=mt, other=0)
-        else:
-            pu = p
-        u_t = tl.load(u + pid_b * su_b + e[:, None] * su_e + pu[None, :], mask=m2, other=0.0).to(tl.float32)
-        d_t = tl.load(dt + pid_b * sd_b + e[:, None] * sd_e + p[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            d_t += d_bias[:, None]
-        if SOFTPLUS:
-            d_t = _softplus(d_t)
-        d_t = tl.where(m2, d_t, 0.0)  # padding steps are the identity: decay 1, input 0
-        dtu = d_t * u_t
-        if HAS_GAP:
-            s_t = tl.load(gap + pid_b * sg_b + p, mask=mt, other=1.0).to(tl.float32)
-            dts = d_t * s_t[None, :]
-        else:
-            dts = d_t
-        if SAVE:  # state before this chunk, for the backward
-            tl.store(hchk + ((pid_b * E + e[:, None]) * NCHUNK + c) * N + n_idx[None, :], H,
-                     mask=me[:, None] & (n_idx[None, :] < N))
-        acc = tl.zeros((BE, T), dtype=tl.float32)
-        for n in range(N):
-            a_n, b_n, c_n, drive, h = _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n,
-                                                    dts, dtu, H, n_idx, N, A_IS_LOG)
-            acc += h * c_n[None, :]
-            h_last = tl.sum(tl.where(col[None, :] == T - 1, h, 0.0), axis=1)
-            H = tl.where(n_idx[None, :] == n, h_last[:, None], H)
-        if HAS_D:
-            acc += d_skip[:, None] * u_t
-        yp = y + pid_b * sy_b + e[:, None] * sy_e + pu[None, :]
-        if ACCUM:
-            acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
-        if FINAL:
-            acc = acc * SCALE
-            if HAS_Z:
-                z_t = tl.load(z + pid_b * sz_b + e[:, None] * sz_e + pu[None, :], mask=m2,
-                              other=0.0).to(tl.float32)
-                acc = acc * z_t / (1.0 + tl.exp(-z_t))
-        tl.store(yp, acc.to(y.dtype.element_ty), mask=m2)
+# ---- forward: one channel per thread --------------------------------------------------------------------------
+# A (BE, T) tile with T along the lanes of a warp (what Triton picks for rows that are contiguous along L but not
+# aligned, as L = 197 gives; the backward below has it) makes every associative scan and end-of-chunk read a
+# shuffle across 32 lanes: compiled for sm_90, ~69 instructions per (token, channel, state) in the forward that
+# had it. This forward holds (T, BE) tiles with one channel per lane and the T steps in the thread's registers:
+# the scans run sequentially in registers, no shuffles (~14). Loads of u/Δ/z read 32 rows per warp
+# instruction, each 32-byte sector reused from L1 over the next steps.
 
 @triton.jit
-def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
-             C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, idx, si_d, si_b,
-             E, L, NCHUNK, scale,
-             N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
-             SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
-             HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, HAS_IDX: tl.constexpr):
-    # directions 0..NDIR-1 in turn, each adding to y what the previous ones stored; direction 0 uses (A0, bias0,
-    # D0), the others (A1, bias1, D1); without an index table direction 1 walks the sequence backwards (ViM)
-    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
-    nb = tl.num_programs(0)
-    e = pid_e * BE + tl.arange(0, BE)
-    me = e < E
-    for d in tl.static_range(NDIR):
-        if d > 0:
-            # this direction reads back what the previous one stored, in another tile order (other threads):
-            # make the stores of every warp of this program visible first
-            tl.debug_barrier()
-        if d == 0:
-            A_d = A0
-            bias_d = bias0
-            D_d = D0
-        else:
-            A_d = A1
-            bias_d = bias1
-            D_d = D1
-        _fwd_direction(pid_b, e, me, L, NCHUNK, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e, A_d, bias_d,
-                       Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
-                       hchk + d * nb * E * NCHUNK * N, y, sy_b, sy_e, z, sz_b, sz_e, idx + d * si_d, si_b, E,
-                       scale, N, BN, BE, T, (d == 1) and not HAS_IDX, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
-                       HAS_GAP, HAS_Z, SAVE, d > 0, d == NDIR - 1, HAS_IDX)
-
-# ---- inference forward: one channel per thread ------------------------------------------------------------
-# The kernels above hold a (BE, T) tile with T along the lanes of a warp (what Triton picks for rows that are
-# contiguous along L but not aligned, as L = 197 gives), so every associative scan and every end-of-chunk
-# read is a shuffle across 32 lanes: compiled for sm_90, ~69 instructions per (token, channel, state). Inference
-# needs no saved states, so its kernel holds (T, BE) tiles with one channel per lane and the T steps in the
-# thread's registers: the scans run sequentially in registers, no shuffles (~22 per (token, channel, state)).
-# Loads of u/Δ/z then read 32 rows per warp instruction, each 32-byte sector reused from L1 over the next steps.
-
-@triton.jit
-def _lane_chunk(c, p0, k, L, hrow, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
+def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                 C, sc_b, sc_n, d_skip, gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, one, SCALE,
                 N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
                 HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM: tl.constexpr, FINAL: tl.constexpr,
-                HAS_IDX: tl.constexpr, MASKED: tl.constexpr):
+                HAS_IDX: tl.constexpr, MASKED: tl.constexpr, SAVE: tl.constexpr):
     # steps p0 + k (k = ±arange(T)): scalar row offsets plus constant k, so per-step loads take immediate offsets;
     # only the last, partial chunk (MASKED) pays for masks. The carried states live in hrow (E, N per batch row,
     # fp32 scratch): each thread reads and writes only its own channel's, one load and one store per state
@@ -200,6 +109,8 @@ def _lane_chunk(c, p0, k, L, hrow, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, 
             c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
         ca, cx = tl.associative_scan((tl.exp(dts * a_n[None, :]), dtu * b_n[:, None]), 0, _combine)
         h0 = tl.load(hrow + e * N + n, mask=me, other=0.0)
+        if SAVE:  # the state before this chunk, for the backward (the chunked kernel's layout of hchk)
+            tl.store(hsave + (e * NCHUNK + c) * N + n, h0, mask=me)
         h = cx + ca * h0[None, :]
         acc += h * c_n[:, None]
         tl.store(hrow + e * N + n, tl.sum(tl.where(col[:, None] == T - 1, h, 0.0), axis=0), mask=me)
@@ -216,11 +127,11 @@ def _lane_chunk(c, p0, k, L, hrow, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, 
 
 @triton.jit
 def _lane_direction(pid_b, e, me, L, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b, sb_n, C, sc_b, sc_n, D,
-                    gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, hrow, SCALE,
+                    gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, hrow, hsave, NCHUNK, SCALE,
                     N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM: tl.constexpr,
-                    FINAL: tl.constexpr, HAS_IDX: tl.constexpr):
+                    FINAL: tl.constexpr, HAS_IDX: tl.constexpr, SAVE: tl.constexpr):
     n_idx = tl.arange(0, BN)
     tl.store(hrow + e[None, :] * N + n_idx[:, None], tl.zeros((BN, BE), dtype=tl.float32),
              mask=me[None, :] & (n_idx[:, None] < N))  # the states start at zero (own channel: no barrier)
@@ -241,31 +152,33 @@ def _lane_direction(pid_b, e, me, L, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm,
             p0 = L - 1 - c * T
         else:
             p0 = c * T
-        _lane_chunk(c, p0, k, L, hrow, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
+        _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                         C, sc_b, sc_n, d_skip, gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, one, SCALE,
                         N, BN, BE, T, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, ACCUM, FINAL, HAS_IDX,
-                        False)
+                        False, SAVE)
     if nfull * T < L:
         if REV:
             p0 = L - 1 - nfull * T
         else:
             p0 = nfull * T
-        _lane_chunk(nfull, p0, k, L, hrow, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b,
+        _lane_chunk(nfull, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b,
                         sb_n, C, sc_b, sc_n, d_skip, gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, one, SCALE,
                         N, BN, BE, T, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, ACCUM, FINAL, HAS_IDX,
-                        True)
+                        True, SAVE)
 
 
 @triton.jit
-def scan_fwd_lanes(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
-                   C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, idx, si_d, si_b,
-                   E, L, NCHUNK, scale,
+def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
+                   C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, y, sy_b, sy_e, hchk, hscr, idx, si_d,
+                   si_b, E, L, NCHUNK, scale,
                    N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
                    SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
                    HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, HAS_IDX: tl.constexpr):
-    # scan_fwd's arguments and semantics without saved states (SAVE must be False): hchk is a (b, E, N) fp32
-    # scratch for the carried states, NCHUNK unused
+    # scan_fwd's arguments and semantics, plus hscr: a (b, E, N) fp32 scratch for the carried states. With SAVE,
+    # the state before every chunk goes to hchk (NDIR, b, E, NCHUNK, N) as the chunked forward stores it, so the
+    # chunked backward reads it (T must then be the backward's)
     pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    nb = tl.num_programs(0)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     for d in tl.static_range(NDIR):
@@ -281,9 +194,10 @@ def scan_fwd_lanes(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bia
             D_d = D1
         _lane_direction(pid_b, e, me, L, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e, A_d, bias_d,
                         Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
-                        y, sy_b, sy_e, z, sz_b, sz_e, idx + d * si_d, si_b, hchk + pid_b * E * N, scale,
+                        y, sy_b, sy_e, z, sz_b, sz_e, idx + d * si_d, si_b, hscr + pid_b * E * N,
+                        hchk + (d * nb + pid_b) * E * NCHUNK * N, NCHUNK, scale,
                         N, BN, BE, T, (d == 1) and not HAS_IDX, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP,
-                        HAS_Z, d > 0, d == NDIR - 1, HAS_IDX)
+                        HAS_Z, d > 0, d == NDIR - 1, HAS_IDX, SAVE)
 
 
 @triton.jit

@@ -59,16 +59,13 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
     import triton
     ndir, b, E, L, N = _scan_shapes(u, A0)
     u, dt, B, C, z, gap, idx = map(_unit_l, (u, dt, B, C, z, gap, idx))
-    if save:  # training: the chunked kernel that stores the states the backward reads
-        be, t, warps = triton_scan.tile_config(L)
-        fwd, _ = triton_scan.kernels()
-    else:  # inference: one channel per thread, the scans in registers
-        be, t, warps = triton_scan.infer_tile_config(L)
-        fwd = triton_scan.inference_kernel()
+    # one channel per thread, the scans in registers (when saving states for the backward, its chunk length)
+    be, t, warps = triton_scan.fwd_tile_config(L, save)
+    fwd, _ = triton_scan.kernels()
     nchunk = triton.cdiv(L, t)
     y = _like_bel(u[0], (), out_dtype)
     hchk = u.new_empty((ndir, b, E, nchunk, N) if save else (1,), dtype=torch.float32)
-    states = hchk if save else u.new_empty((b, E, N), dtype=torch.float32)  # inference: carried-state scratch
+    states = u.new_empty((b, E, N), dtype=torch.float32)  # carried-state scratch
     zz = z if z is not None else y
     gg = gap if gap is not None else y.new_empty((1, 1, 1))
     any_ = A0
@@ -77,7 +74,7 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         A0, A1 if A1 is not None else A0, bias0 if bias0 is not None else any_,
         bias1 if bias1 is not None else any_, B, B.stride(0), B.stride(1), B.stride(2),
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
-        gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), y, *_bel_strides(y), states,
+        gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), y, *_bel_strides(y), hchk, states,
         *_index_args(idx, gg), E, L, nchunk, float(scale),
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus, HAS_BIAS=bias0 is not None,
         A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None, HAS_Z=z is not None, SAVE=save,

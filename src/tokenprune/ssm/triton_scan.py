@@ -23,8 +23,8 @@ recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} as a reverse associative scan. Gr
 channels (B, C) and across the batch (A, D, bias) are written as per-program partials and summed in torch
 (deterministic, no atomics).
 
-Inference runs a second forward kernel (``inference_kernel``): one channel per thread, the T steps of a chunk
-in registers, so the associative scans need no shuffles across lanes (see _scan_kernels.scan_fwd_lanes).
+The forward kernel holds one channel per thread, the T steps of a chunk in its registers, so the associative
+scans need no shuffles across lanes (see _scan_kernels); the backward keeps channels x steps tiles.
 
 ``TRITON_INTERPRET=1`` (set before the first use) runs the same kernels on CPU tensors; the tests use it.
 """
@@ -48,18 +48,14 @@ def interpreting():
 
 
 def kernels():
-    """(scan_fwd, scan_bwd) Triton kernels."""
+    """(scan_fwd, scan_bwd) Triton kernels: the forward with one channel per thread (the scans in registers),
+    the chunked backward."""
     from . import _scan_kernels as k
     return k.scan_fwd, k.scan_bwd
 
 
-def inference_kernel():
-    """The forward without saved states, one channel per thread (see _scan_kernels.scan_fwd_lanes)."""
-    from . import _scan_kernels as k
-    return k.scan_fwd_lanes
-
-
-# Tile sizes: BE channels x T steps per program, warps. Chosen without a GPU from what ptxas gives each tile for
+# Backward tile (and the chunk length of the states a training forward saves): BE channels x T steps per
+# program, warps. Chosen without a GPU from what ptxas gives each tile for
 # sm_90 (benchmarks/triton_sm90.py, benchmarks/results_triton_sm90.md): no register spills in the forward or the
 # backward, and a chunk of T = 32 steps lies within one warp, so its associative scans need no exchange between
 # warps. Not yet timed on a GPU: benchmarks/bench_ssm_gpu.py --sweep times others;
@@ -84,23 +80,26 @@ def tile_config(L):
     return be, t, warps
 
 
-# Inference tile: T steps per chunk in each thread's registers, `warps` warps, one channel per lane (BE = 32·warps).
-# T = 32 spills nothing on sm_90 at 2 warps (255 registers); TOKENPRUNE_SCAN_INFER_TILE="T,warps" overrides.
-INFER_TILE = (32, 2)
+# Forward tile: T steps per chunk in each thread's registers, `warps` warps, one channel per lane (BE = 32·warps);
+# when states are saved for the backward, T is the backward's. T = 32 spills nothing on sm_90 at 2 warps;
+# TOKENPRUNE_SCAN_FWD_TILE="T,warps" overrides.
+FWD_TILE = (32, 2)
 
 
-def infer_tile_config(L):
-    """(BE, T, warps) of the inference kernel for length L."""
-    env = os.environ.get("TOKENPRUNE_SCAN_INFER_TILE", "").strip()
-    t, warps = INFER_TILE
+def fwd_tile_config(L, save=False):
+    """(BE, T, warps) of the forward kernel for length L (T = the backward's when saving states)."""
+    env = os.environ.get("TOKENPRUNE_SCAN_FWD_TILE", "").strip()
+    t, warps = FWD_TILE
     if env:
         try:
             t, warps = (int(x) for x in env.split(","))
         except ValueError:
             t = warps = 0
         if t < 1 or warps < 1 or t & (t - 1) or warps & (warps - 1):
-            raise ValueError(f"TOKENPRUNE_SCAN_INFER_TILE={env!r}: expected 'T,warps', powers of two, e.g. '32,2'")
+            raise ValueError(f"TOKENPRUNE_SCAN_FWD_TILE={env!r}: expected 'T,warps', powers of two, e.g. '32,2'")
     t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
+    if save:
+        t = tile_config(L)[1]
     return 32 * warps, t, warps
 
 
