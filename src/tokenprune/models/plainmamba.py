@@ -39,7 +39,8 @@ from ..ssm import selective_scan
 from ..ssm.fused_ops import fused_selective_scan
 from ..ssm.scan import _record, on_triton
 from .base import SSM_SIGNALS, TokenBackbone, clipped_channel_sum
-from .plainmamba_scan import NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, restricted_scan_tables, scan_tables
+from .plainmamba_scan import (NUM_DIRECTION_LABELS, NUM_ORDERS, RestrictedScan, per_order, restricted_scan_tables,
+                              scan_tables)
 from .timm_contract import TimmHeadMixin, run_layer, tokens_to_map
 from .vim import DirectionScope
 
@@ -247,7 +248,7 @@ class PlainMamba2D(nn.Module):
             idx, gap = self.orders.unsqueeze(1).expand(NUM_ORDERS, b, T), None
         else:
             idx = ctx["perm"]
-            gap = None if ctx["scans"][0].gaps is None else ctx["gap_scale4"]
+            gap = None if ctx["scans"][0].gaps is None else ctx["gap_scale"]
 
         def shared(t):  # the four orders read the same tensor: a stride-0 expansion, no copy
             return t.unsqueeze(0).expand(NUM_ORDERS, *t.shape)
@@ -479,14 +480,12 @@ class PlainMamba(TimmHeadMixin, TokenBackbone):
         T = pos.shape[1]
         tables = restricted_scan_tables(pos, mixer.order_inverse, mixer.order_labels)  # fields (4, B, T)
         # one launch per table for all four orders; the per-order lists hold views
-        scans = [RestrictedScan(*fields) for fields in zip(*(t.unbind(0) for t in tables))]
-        gap_scale = (tables.gaps.float() + 1.0).unsqueeze(1)  # the fused scan's decay scale 1 + gap, (4, 1, B, T)
-        return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": scans,
+        return {"pos": pos, "grid_index": flat_index(pos, self.grid[0] * self.grid[1]), "scans": per_order(tables),
                 "visit": list(flat_index(tables.perm, T).unbind(0)),
                 "unvisit": list(flat_index(tables.inverse, T).unbind(0)),
-                "gap_scale": list(gap_scale.unbind(0)), "labels": tables.labels,  # one direction_Bs lookup
-                # the fused path's index tables and decay scales of all four orders, (4, B, T) each
-                "perm": tables.perm, "gap_scale4": gap_scale.squeeze(1)}
+                "labels": tables.labels,  # one direction_Bs lookup
+                # the fused path's index tables and decay scales 1 + gap of all four orders, (4, B, T) each
+                "perm": tables.perm, "gap_scale": tables.gaps.float() + 1.0}
 
     def run_block(self, i: int, state: TokenState, hook=None) -> TokenState:
         needs = getattr(hook, "needs", set()) if hook is not None else set()

@@ -147,7 +147,11 @@ def restricted_scan_tables(pos: torch.Tensor, inverse: torch.Tensor, labels: tor
     return RestrictedScan(perm, perm.argsort(dim=-1), step_labels, gaps)
 
 
+def per_order(tables: RestrictedScan) -> List[RestrictedScan]:
+    """The K per-order RestrictedScans of ``restricted_scan_tables``' (K, B, T) fields, as (B, T) views."""
+    return [RestrictedScan(*fields) for fields in zip(*(t.unbind(0) for t in tables))]
+
+
 def restricted_scans(pos: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor) -> List[RestrictedScan]:
     """restricted_scan for each of the K orders: the (B, T) views of ``restricted_scan_tables``."""
-    tables = restricted_scan_tables(pos, inverse, labels)
-    return [RestrictedScan(*fields) for fields in zip(*(t.unbind(0) for t in tables))]
+    return per_order(restricted_scan_tables(pos, inverse, labels))

@@ -39,13 +39,19 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype where autocast is on for this device type, else None (also for types autocast does
+    not know, such as meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _fused_add_norm(norm: RMSNorm, h: torch.Tensor, residual: Optional[torch.Tensor],
                     out_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
     """add_norm on the fused kernel; by default the output is in the autocast dtype when autocast is on."""
     if out_dtype is None:
-        dev = h.device.type
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        out_dtype = torch.get_autocast_dtype(dev) if autocast else norm.weight.dtype
+        out_dtype = autocast_dtype(h.device.type) or norm.weight.dtype
     return add_rms_norm(h, residual, norm.weight, norm.eps, out_dtype)
 
 
@@ -91,14 +97,6 @@ def _graph_building() -> bool:
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return None
-    return torch.get_autocast_dtype(device_type) if enabled else None
-
-
 def stacked_weights(module: nn.Module, names: Tuple[str, str], like: torch.Tensor) -> torch.Tensor:
     """torch.stack of two directions' weights (attribute paths of `module`), for one batched matmul with `like`.
 
@@ -106,7 +104,7 @@ def stacked_weights(module: nn.Module, names: Tuple[str, str], like: torch.Tenso
     module, keyed by device, dtype, storage and version counter of each weight (python attributes: no device
     read-back), so inference launches neither the stack nor autocast's cast per block and forward."""
     weights = [module.get_submodule(n.rsplit(".", 1)[0]).get_parameter(n.rsplit(".", 1)[1]) for n in names]
-    dtype = _autocast_dtype(like.device.type) or weights[0].dtype
+    dtype = autocast_dtype(like.device.type) or weights[0].dtype
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) or _graph_building():
         return torch.stack(weights)
     key = tuple((w.device, w.dtype, w.data_ptr(), version_counter(w)) for w in weights)

@@ -42,6 +42,15 @@ def _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n, dts,
     return a_n, b_n, c_n, drive, cx + ca * h0[:, None]
 
 
+@triton.jit
+def _direction_params(d: tl.constexpr, A0, A1, bias0, bias1, D0, D1):
+    # direction 0 uses (A0, bias0, D0), the others (A1, bias1, D1)
+    A, bias, D = A1, bias1, D1
+    if d == 0:
+        A, bias, D = A0, bias0, D0
+    return A, bias, D
+
+
 # ---- forward: one channel per thread --------------------------------------------------------------------------
 # A (BE, T) tile with T along the lanes of a warp (what Triton picks for rows that are contiguous along L but not
 # aligned, as L = 197 gives; the backward below has it) makes every associative scan and end-of-chunk read a
@@ -51,8 +60,8 @@ def _chunk_states(n, A, Bm, C, e, me, p, mt, pid_b, sb_b, sb_n, sc_b, sc_n, dts,
 # instruction, each 32-byte sector reused from L1 over the next steps.
 
 @triton.jit
-def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
-                C, sc_b, sc_n, d_skip, gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, one, SCALE,
+def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm,
+                sb_b, sb_n, C, sc_b, sc_n, d_skip, gap, sg_b, y, sy_b, sy_e, z, sz_b, sz_e, idx, si_b, one, SCALE,
                 N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
                 HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM: tl.constexpr, FINAL: tl.constexpr,
@@ -184,14 +193,7 @@ def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
     for d in tl.static_range(NDIR):
         if d > 0:
             tl.debug_barrier()  # this direction reads back what the previous one stored (other threads)
-        if d == 0:
-            A_d = A0
-            bias_d = bias0
-            D_d = D0
-        else:
-            A_d = A1
-            bias_d = bias1
-            D_d = D1
+        A_d, bias_d, D_d = _direction_params(d, A0, A1, bias0, bias1, D0, D1)
         _lane_direction(pid_b, e, me, L, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e, A_d, bias_d,
                         Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
                         y, sy_b, sy_e, z, sz_b, sz_e, idx + d * si_d, si_b, hscr + pid_b * E * N,
@@ -334,14 +336,7 @@ def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
     for d in tl.static_range(NDIR):
         if d > 0:
             tl.debug_barrier()  # this direction adds to dz what the previous one stored, in another tile order
-        if d == 0:
-            A_d = A0
-            bias_d = bias0
-            D_d = D0
-        else:
-            A_d = A1
-            bias_d = bias1
-            D_d = D1
+        A_d, bias_d, D_d = _direction_params(d, A0, A1, bias0, bias1, D0, D1)
         _bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b, sd_e,
                        A_d, bias_d, Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d, gap + d * sg_d, sg_b,
                        hchk + d * nb * E * NCHUNK * N, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx + d * si_d, si_b,

@@ -55,27 +55,30 @@ def kernels():
 
 
 # Backward tile (and the chunk length of the states a training forward saves): BE channels x T steps per
-# program, warps. Chosen without a GPU from what ptxas gives each tile for
-# sm_90 (benchmarks/triton_sm90.py, benchmarks/results_triton_sm90.md): no register spills in the forward or the
-# backward, and a chunk of T = 32 steps lies within one warp, so its associative scans need no exchange between
-# warps. Not yet timed on a GPU: benchmarks/bench_ssm_gpu.py --sweep times others;
+# program, warps. Chosen without a GPU from what ptxas gives each tile for sm_90 (benchmarks/triton_sm90.py,
+# benchmarks/results_triton_sm90.md): no register spills, and a chunk of T = 32 steps lies within one warp, so
+# its associative scans need no exchange between warps. Not yet timed on a GPU: benchmarks/bench_ssm_gpu.py --sweep times others;
 # TOKENPRUNE_SCAN_TILE="BE,T[,warps]" overrides (for sweeps).
 DEFAULT_TILE = (16, 32, 4)
 
 
+def _env_tile(var: str, counts, form: str, example: str):
+    """The ints of environment variable `var` ("a,b[,c]"), or None when unset; each a power of two."""
+    env = os.environ.get(var, "").strip()
+    if not env:
+        return None
+    try:
+        parts = [int(x) for x in env.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in counts or any(v < 1 or v & (v - 1) for v in parts):
+        raise ValueError(f"{var}={env!r}: expected '{form}', powers of two, e.g. '{example}'")
+    return parts
+
+
 def tile_config(L):
-    env = os.environ.get("TOKENPRUNE_SCAN_TILE", "").strip()
-    if env:
-        try:
-            parts = [int(x) for x in env.split(",")]
-            be, t = parts[0], parts[1]
-            warps = parts[2] if len(parts) > 2 else 4
-        except (ValueError, IndexError):
-            parts = []
-        if not parts or any(v < 1 or v & (v - 1) for v in (be, t, warps)):
-            raise ValueError(f"TOKENPRUNE_SCAN_TILE={env!r}: expected 'BE,T[,warps]', powers of two, e.g. '32,64,4'")
-    else:
-        be, t, warps = DEFAULT_TILE
+    parts = _env_tile("TOKENPRUNE_SCAN_TILE", (2, 3), "BE,T[,warps]", "32,64,4")
+    be, t, warps = DEFAULT_TILE if parts is None else (*parts, 4)[:3]
     t = min(t, max(16, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     return be, t, warps
 
@@ -88,15 +91,7 @@ FWD_TILE = (32, 2)
 
 def fwd_tile_config(L, save=False):
     """(BE, T, warps) of the forward kernel for length L (T = the backward's when saving states)."""
-    env = os.environ.get("TOKENPRUNE_SCAN_FWD_TILE", "").strip()
-    t, warps = FWD_TILE
-    if env:
-        try:
-            t, warps = (int(x) for x in env.split(","))
-        except ValueError:
-            t = warps = 0
-        if t < 1 or warps < 1 or t & (t - 1) or warps & (warps - 1):
-            raise ValueError(f"TOKENPRUNE_SCAN_FWD_TILE={env!r}: expected 'T,warps', powers of two, e.g. '32,2'")
+    t, warps = _env_tile("TOKENPRUNE_SCAN_FWD_TILE", (2,), "T,warps", "32,2") or FWD_TILE
     t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     if save:
         t = tile_config(L)[1]
