@@ -143,7 +143,10 @@ def _lane_direction(pid_b, e, me, L, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm,
                     FINAL: tl.constexpr, HAS_IDX: tl.constexpr, SAVE: tl.constexpr):
     n_idx = tl.arange(0, BN)
     tl.store(hrow + e[None, :] * N + n_idx[:, None], tl.zeros((BN, BE), dtype=tl.float32),
-             mask=me[None, :] & (n_idx[:, None] < N))  # the states start at zero (own channel: no barrier)
+             mask=me[None, :] & (n_idx[:, None] < N))  # the states start at zero
+    # Triton lays this (N, BE) store out with the lanes along N, so other threads write the zeros than the ones
+    # that read a channel's states in the chunk loop (one channel per thread): make the zeros visible first
+    tl.debug_barrier()
     d_bias = tl.zeros((BE,), dtype=tl.float32)
     d_skip = tl.zeros((BE,), dtype=tl.float32)
     if HAS_BIAS:
