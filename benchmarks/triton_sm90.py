@@ -3,7 +3,7 @@ what the hardware would get: registers per thread, spill stores/loads, stack fra
 
     python benchmarks/triton_sm90.py                        # every kernel at the shipped tiles (table appended
                                                             # to benchmarks/results_triton_sm90.md)
-    python benchmarks/triton_sm90.py --sweep 32,64,4 16,64,4   # backward tiles BE,T,warps ("T,warps": forward)
+    python benchmarks/triton_sm90.py --sweep 32,8,1 64,4,1    # backward tiles BE,T,warps ("T,warps": forward)
     python benchmarks/triton_sm90.py --kernels scan_fwd --no-write
 
 Why: GPU time is short here, and a kernel that spills registers to local memory runs far from the memory
@@ -218,8 +218,8 @@ CASES: Dict[str, Callable[[], None]] = {
 }
 
 
-def compile_case(case: str, tile: Optional[str] = None) -> List[Resources]:
-    """Compile one case (a key of CASES) for sm_90, the scan at `tile` ("BE,T,warps") if given."""
+def compile_case(case: str, tile: Optional[str] = None) -> List[str]:
+    """Compile one case (a key of CASES) for sm_90, the scan at `tile` ("BE,T,warps") if given: table rows."""
     var = "TOKENPRUNE_SCAN_TILE" if case.startswith("scan_bwd") else "TOKENPRUNE_SCAN_FWD_TILE"
     saved = os.environ.get(var)
     if tile is not None:
@@ -227,13 +227,13 @@ def compile_case(case: str, tile: Optional[str] = None) -> List[Resources]:
     try:
         with sm90_compile_only() as compiled:
             CASES[case]()
+        return [_row(ptxas_resources(f"{case}", k, s), case) for _, k, s in compiled]  # under the tile's env
     finally:
         if tile is not None:
             if saved is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = saved
-    return [ptxas_resources(f"{case}", k, s) for _, k, s in compiled]
 
 
 def _scan_tile(case: str, L: int = 197):
@@ -241,9 +241,9 @@ def _scan_tile(case: str, L: int = 197):
     from tokenprune.ssm import triton_scan
     if case.startswith("scan_bwd"):
         be, t, warps = triton_scan.tile_config(L)
-        return (be, t, warps), be * t // (32 * warps)  # channels x steps tiles
-    be, t, warps = triton_scan.fwd_tile_config(L, save=not case.startswith("scan_infer"))
-    return (be, t, warps), t  # the forward: one channel per thread, T steps
+    else:
+        be, t, warps = triton_scan.fwd_tile_config(L, save=not case.startswith("scan_infer"))
+    return (be, t, warps), be * t // (32 * warps)  # one lane per channel, the steps in registers
 
 
 def _row(r: Resources, case: str) -> str:
@@ -279,8 +279,7 @@ def main() -> None:
             if tile is not None and (not case.startswith("scan")
                                      or case.startswith("scan_bwd") != (tile.count(",") == 2)):
                 continue
-            for r in compile_case(case, tile):
-                line = _row(r, case)
+            for line in compile_case(case, tile):
                 print(line, flush=True)
                 lines.append(line)
     import triton

@@ -37,7 +37,7 @@ def _run(script, *args, interpret=True):
 def test_interpreted_fused_ops_match_float64_references():
     out = _run("fused_check.py")
     assert out.strip().splitlines()[-1] == "all fused-op checks passed", out
-    assert out.count("scan (") == 7 and out.count("conv (") == 5 and out.count("add_rms_norm (") == 4, out
+    assert out.count("scan (") == 8 and out.count("conv (") == 6 and out.count("add_rms_norm (") == 4, out
     assert out.count("+idx'") == 2, out  # the index-ordered (PlainMamba) cases ran
 
 

@@ -20,9 +20,10 @@ from tokenprune.ssm.reference import selective_scan_reference
 SMALL = [
     (2, 2, 6, 3, 37, "all", "bel", torch.float32),      # both directions, gaps, N not a power of 2
     (1, 1, 5, 4, 1, "all", "bel", torch.float32),       # one step
-    (2, 2, 7, 2, 70, "none", "ebl", torch.float32),     # > 1 chunk at T=64, channel-major layout, no optionals
+    (2, 2, 7, 2, 70, "none", "ebl", torch.float32),     # > 1 chunk, channel-major layout, no optionals
     (1, 2, 33, 3, 20, "z_only", "bel", torch.float32),  # E over one channel block
     (2, 1, 6, 4, 29, "all", "ebl", torch.bfloat16),     # bf16 inputs and output
+    (2, 1, 5, 2, 32, "all", "bel", torch.float32),      # L a multiple of both kernels' chunks: no partial chunk
     # scan orders by index (PlainMamba: four zig-zags in one launch), u / dt / C shared by the directions as
     # stride-0 expansions (their gradients summed by autograd), the sum of the directions (scale 1)
     (4, 2, 6, 3, 37, "all+idx", "bel", torch.float32),

@@ -59,10 +59,11 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
     import triton
     ndir, b, E, L, N = _scan_shapes(u, A0)
     u, dt, B, C, z, gap, idx = map(_unit_l, (u, dt, B, C, z, gap, idx))
-    # one channel per thread, the scans in registers (when saving states for the backward, its chunk length)
+    # one channel per thread, the scans in registers; saving the state before each of the backward's chunks
     be, t, warps = triton_scan.fwd_tile_config(L, save)
+    ts = triton_scan.tile_config(L)[1] if save else t
     fwd, _ = triton_scan.kernels()
-    nchunk = triton.cdiv(L, t)
+    nchunk = triton.cdiv(L, ts)
     y = _like_bel(u[0], (), out_dtype)
     hchk = u.new_empty((ndir, b, E, nchunk, N) if save else (1,), dtype=torch.float32)
     states = u.new_empty((b, E, N), dtype=torch.float32)  # carried-state scratch
@@ -76,9 +77,10 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
         gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), y, *_bel_strides(y), hchk, states,
         *_index_args(idx, gg), E, L, nchunk, float(scale),
-        N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus, HAS_BIAS=bias0 is not None,
-        A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None, HAS_Z=z is not None, SAVE=save,
-        HAS_IDX=idx is not None, num_warps=warps)
+        N=N, BN=triton.next_power_of_2(N), BE=be, T=t, TS=ts, NDIR=ndir, SOFTPLUS=softplus,
+        HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
+        HAS_Z=z is not None, SAVE=save,
+        HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(), num_warps=warps)
     return y, hchk
 
 
@@ -117,6 +119,7 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
     dBp = u.new_empty((ndir, b, neb, N, L), dtype=f32)
     dCp = u.new_empty((ndir, b, neb, N, L), dtype=f32)
     dAp = u.new_empty((ndir, b, E, N), dtype=f32)
+    gscr = u.new_empty((b, E, N), dtype=f32)  # carried-dh scratch
     dDp = u.new_zeros((ndir, b, E), dtype=f32)
     dbp = u.new_zeros((ndir, b, E), dtype=f32)
     _, bwd = triton_scan.kernels()
@@ -129,10 +132,11 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         bias1 if bias1 is not None else any_, B, B.stride(0), B.stride(1), B.stride(2),
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
         gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), gout, *_bel_strides(gout), hchk,
-        *_index_args(idx, gg), du, ddt, dz, dBp, dCp, dAp, dDp, dbp, E, L, nchunk, neb, float(scale),
+        *_index_args(idx, gg), du, ddt, dz, dBp, dCp, dAp, dDp, dbp, gscr, E, L, nchunk, neb, float(scale),
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus,
         HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
-        HAS_Z=z is not None, HAS_IDX=idx is not None, num_warps=warps)
+        HAS_Z=z is not None, HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(),
+        num_warps=warps)
     return [du, ddt, dAp.sum(1), dBp.sum(2).to(B.dtype), dCp.sum(2).to(C.dtype), dDp.sum(1),
             dz, dbp.sum(1)]
 

@@ -17,14 +17,15 @@ Layout: every tensor is read through its strides, so the (E, batch, L) channel-m
 (plain 2-D matmuls, no transposes) and (batch, E, L) of ``selective_scan_fn`` both work without copies.
 Inputs may be fp32, fp16 or bf16; states and accumulation are fp32; the output has the requested dtype.
 
-Training: the forward stores the state at every chunk start (NDIR, b, E, NCHUNK, N) in fp32; the backward
-walks the chunks in reverse, recomputes the chunk's states from the stored one, and runs the reverse
-recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} as a reverse associative scan. Gradients shared across
+Training: the forward stores the state at every backward-chunk start (NDIR, b, E, NCHUNK, N) in fp32; the
+backward walks the chunks in reverse, recomputes the chunk's states from the stored one, and runs the reverse
+recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} as a forward associative scan over the flipped chunk (a flip of
+registers is free; reverse=True is lowered with lane shuffles). Gradients shared across
 channels (B, C) and across the batch (A, D, bias) are written as per-program partials and summed in torch
 (deterministic, no atomics).
 
-The forward kernel holds one channel per thread, the T steps of a chunk in its registers, so the associative
-scans need no shuffles across lanes (see _scan_kernels); the backward keeps channels x steps tiles.
+Both kernels hold one channel per thread, the T steps of a chunk in its registers, so the associative scans
+need no shuffles across lanes (see _scan_kernels); only the backward's channel sums for dB and dC cross lanes.
 
 ``TRITON_INTERPRET=1`` (set before the first use) runs the same kernels on CPU tensors; the tests use it.
 """
@@ -48,18 +49,18 @@ def interpreting():
 
 
 def kernels():
-    """(scan_fwd, scan_bwd) Triton kernels: the forward with one channel per thread (the scans in registers),
-    the chunked backward."""
+    """(scan_fwd, scan_bwd) Triton kernels, both with one channel per thread (the scans in registers)."""
     from . import _scan_kernels as k
     return k.scan_fwd, k.scan_bwd
 
 
 # Backward tile (and the chunk length of the states a training forward saves): BE channels x T steps per
-# program, warps. Chosen without a GPU from what ptxas gives each tile for sm_90 (benchmarks/triton_sm90.py,
-# benchmarks/results_triton_sm90.md): no register spills, and a chunk of T = 32 steps lies within one warp, so
-# its associative scans need no exchange between warps. Not yet timed on a GPU: benchmarks/bench_ssm_gpu.py --sweep times others;
-# TOKENPRUNE_SCAN_TILE="BE,T[,warps]" overrides (for sweeps).
-DEFAULT_TILE = (16, 32, 4)
+# program, warps; one lane per channel (BE / (32·warps) channels per thread), the T steps in its registers.
+# Chosen without a GPU from what ptxas gives each tile for sm_90 (benchmarks/triton_sm90.py,
+# benchmarks/results_triton_sm90.md): no register spills, the fewest instructions per (token, channel, state).
+# One warp per program, so the channel sums of dB and dC need no exchange between warps. Not yet timed on a GPU:
+# benchmarks/bench_ssm_gpu.py --sweep times others; TOKENPRUNE_SCAN_TILE="BE,T[,warps]" overrides (for sweeps).
+DEFAULT_TILE = (32, 8, 1)
 
 
 def _env_tile(var: str, counts, form: str, example: str):
@@ -77,24 +78,27 @@ def _env_tile(var: str, counts, form: str, example: str):
 
 
 def tile_config(L):
-    parts = _env_tile("TOKENPRUNE_SCAN_TILE", (2, 3), "BE,T[,warps]", "32,64,4")
-    be, t, warps = DEFAULT_TILE if parts is None else (*parts, 4)[:3]
-    t = min(t, max(16, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
+    parts = _env_tile("TOKENPRUNE_SCAN_TILE", (2, 3), "BE,T[,warps]", "32,16,1")
+    be, t, warps = DEFAULT_TILE if parts is None else (*parts, 1)[:3]
+    if be % (32 * warps):
+        raise ValueError(f"TOKENPRUNE_SCAN_TILE: BE={be} must be a multiple of 32·warps = {32 * warps} "
+                         "(one lane per channel)")
+    t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     return be, t, warps
 
 
 # Forward tile: T steps per chunk in each thread's registers, `warps` warps, one channel per lane (BE = 32·warps);
-# when states are saved for the backward, T is the backward's. T = 32 spills nothing on sm_90 at 2 warps;
-# TOKENPRUNE_SCAN_FWD_TILE="T,warps" overrides.
+# a training forward saves the state before every chunk of the backward (whose T divides the forward's). T = 32
+# spills nothing on sm_90 at 2 warps; TOKENPRUNE_SCAN_FWD_TILE="T,warps" overrides.
 FWD_TILE = (32, 2)
 
 
 def fwd_tile_config(L, save=False):
-    """(BE, T, warps) of the forward kernel for length L (T = the backward's when saving states)."""
+    """(BE, T, warps) of the forward kernel for length L (T at least the backward's when saving states)."""
     t, warps = _env_tile("TOKENPRUNE_SCAN_FWD_TILE", (2,), "T,warps", "32,2") or FWD_TILE
     t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     if save:
-        t = tile_config(L)[1]
+        t = max(t, tile_config(L)[1])
     return 32 * warps, t, warps
 
 
