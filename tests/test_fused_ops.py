@@ -42,6 +42,14 @@ def test_interpreted_fused_ops_match_float64_references():
 
 
 @pytest.mark.slow
+def test_interpreted_scan_backward_is_right_at_other_tiles():
+    # T = 4 and 32 (3 and 5 halving steps in the dB/dC lane sums), BE = 64 and 128 (2 and 4 channel groups)
+    out = _run("fused_check.py", "--tiles", "64,4,2", "128,32,4")
+    assert out.strip().splitlines()[-1] == "all tile checks passed", out
+    assert out.count("scan at tile") == 4, out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vim_micro_patch8_56", "plainmamba_test_32"])
 def test_interpreted_fused_mixer_path_matches_the_reference_model(model):
     out = _run("vim_fused_check.py", "--model", model)

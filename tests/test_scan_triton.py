@@ -43,6 +43,25 @@ def test_triton_on_cpu_tensors_is_a_clear_error(monkeypatch):
         selective_scan(x, x, -torch.ones(4, 2), torch.randn(1, 2, 3), torch.randn(1, 2, 3), impl="triton")
 
 
+@pytest.mark.parametrize("tile, message", [
+    ("32,64,1", r"T=64 must be at most 32"),
+    ("32,8,2", r"BE=32 must be a multiple of 32·warps = 64"),
+    ("32,6,1", r"TOKENPRUNE_SCAN_TILE='32,6,1': expected 'BE,T\[,warps\]', powers of two"),
+])
+def test_bad_scan_tiles_are_a_clear_error(monkeypatch, tile, message):
+    from tokenprune.ssm import triton_scan
+    monkeypatch.setenv("TOKENPRUNE_SCAN_TILE", tile)
+    with pytest.raises(ValueError, match=message):
+        triton_scan.tile_config(197)
+
+
+def test_scan_tiles_clamp_t_to_short_sequences(monkeypatch):
+    from tokenprune.ssm import triton_scan
+    monkeypatch.setenv("TOKENPRUNE_SCAN_TILE", "64,32,2")
+    assert triton_scan.tile_config(197) == (64, 32, 2)
+    assert triton_scan.tile_config(5) == (64, 8, 2)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -7,6 +7,7 @@ The reference for direction 1 is the causal scan / conv of the flipped sequence,
 computes with flips); gap-aware decay is checked against its standard-kernel form (Δ·s, B / s).
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -238,11 +239,34 @@ def check_compile(device):
     return errs
 
 
+# the scan at other backward tiles (TOKENPRUNE_SCAN_TILE): how many halving steps the dB/dC lane sums take
+# depends on T, and BE > 32 puts several 32-channel groups in one program
+TILE_CASES = [(2, 2, 70, 3, 37, "all", "bel", torch.float32), (1, 1, 40, 2, 9, "all+idx", "ebl", torch.float32)]
+
+
+def check_tiles(tiles, device):
+    failed = False
+    for tile in tiles:
+        os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+        for i, case in enumerate(TILE_CASES):
+            errs = check_scan(case, device, 60 + i)
+            worst = max(errs.values())
+            failed |= not worst <= TOL[case[-1]]
+            print(f"scan at tile {tile} {case[:7]}: worst {worst:.2e} (tol {TOL[case[-1]]:g}) [" +
+                  " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + "]")
+    os.environ.pop("TOKENPRUNE_SCAN_TILE")
+    print("FAILED" if failed else "all tile checks passed")
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="small", choices=["small", "gpu"])
+    ap.add_argument("--tiles", nargs="+", metavar="BE,T,WARPS", help="only the scan, at these backward tiles")
     args = ap.parse_args()
+    if args.tiles:
+        return check_tiles(args.tiles, args.device)
     failed = False
     for i, case in enumerate(SMALL if args.cases == "small" else GPU):
         tol = TOL[case[-1]]

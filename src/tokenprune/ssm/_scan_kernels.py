@@ -219,27 +219,65 @@ def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
 # (token, channel, state) against ~161 for the (channels, steps) tiles it replaces (benchmarks/triton_sm90.py).
 
 @triton.jit
+def _xor_lanes(x, lane, OFF: tl.constexpr):
+    # x (M, BE) with one channel per lane: each lane's values from lane ^ OFF (a warp-local gather, lowered to
+    # lane shuffles; OFF < 32 stays inside the 32-channel group)
+    return tl.gather(x, tl.broadcast_to((lane ^ OFF)[None, :], x.shape), 1)
+
+
+@triton.jit
+def _halve_rows(R, lane, M: tl.constexpr, BE: tl.constexpr, OFF: tl.constexpr):
+    # (M, BE) -> (M/2, BE): a lane keeps one half of its rows (the upper where its bit OFF is set) and adds the
+    # partner lane's (lane ^ OFF) values of that half, sending it the other half
+    R3 = tl.reshape(R, (2, M // 2, BE))
+    half = tl.arange(0, 2)[:, None, None]
+    lo = tl.sum(tl.where(half == 0, R3, -0.0), axis=0)  # -0.0, the identity of +: the selects fold
+    hi = tl.sum(tl.where(half == 1, R3, -0.0), axis=0)
+    up = ((lane & OFF) != 0)[None, :]
+    return tl.where(up, hi, lo) + _xor_lanes(tl.where(up, lo, hi), lane, OFF)
+
+
+@triton.jit
+def _lane_row_sums(P, lane, T: tl.constexpr, BE: tl.constexpr):
+    # P (T, BE), one channel per lane, T <= 32 rows -> (BE,): lane l holds the sum over its group of 32 lanes
+    # of row (l % 32) // (32 // T). A transposed reduction: tl.sum(P, axis=1) shuffles every row through all 5
+    # butterfly levels (5·T shuffles and adds per lane); halving the rows at each level takes ~T + 5 (and two
+    # selects per exchanged value), the cross-lane sums for dB and dC being ~40 % of the backward's loop
+    R = P
+    for i in tl.static_range(5):
+        if (T >> i) >= 2:
+            R = _halve_rows(R, lane, T >> i, BE, 16 >> i)
+        else:
+            R = R + _xor_lanes(R, lane, 16 >> i)
+    return tl.reshape(R, (BE,))
+
+
+@triton.jit
 def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm,
                     sb_b, sb_n, C, sc_b, sc_n, d_skip, gap, sg_b, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b,
-                    hsave, NCHUNK, grow, darow, dBp, dCp, part, du, ddt, dz, E, dD, dbias,
-                    N: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    hsave, NCHUNK, grow, darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias,
+                    N: tl.constexpr, T: tl.constexpr, BE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr,
                     ACCUM_DZ: tl.constexpr, HAS_IDX: tl.constexpr, MASKED: tl.constexpr,
                     FAST: tl.constexpr):
     # steps p0 + k of chunk c (walking order c·T + col), their successors p0 + k + kn. Only the sequence's last
     # chunk (MASKED, walked first) has padding steps or a last step without successor (a_{t+1} = 0 there).
     # grow / darow: this batch row's (E, N) fp32 scratch of the carried dh and the dA sums, one channel's per
-    # thread; returns the running dD and dbias sums
+    # thread; returns the running dD and dbias sums. dB and dC partials: lane l stores step tok (see
+    # _lane_row_sums) of its 32-channel group's row part, where wmask
     col = tl.arange(0, T)
     p = p0 + k
     pn = p0 + (k + kn)
     w = c * T + col
+    pt = p0 + kn * tok
     if MASKED:
         mt = w < L
         mtn = (w + 1) < L
+        mst = wmask & ((c * T + tok) < L)
     else:
         mt = col < T
         mtn = mt
+        mst = wmask
     ph = p * one  # opaque positions: the lanes go along the channels, the steps stay in registers
     pnh = pn * one
     m2 = mt[:, None] & me[None, :]
@@ -320,8 +358,8 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
             dA_n = dA_n * a_n
         tl.store(darow + e * N + n, tl.load(darow + e * N + n, mask=me, other=0.0) + dA_n, mask=me)
         # B and C are shared by the channels: this program's partial sums
-        tl.store(dBp + part + n * L + p, tl.sum(dh * dtu, axis=1), mask=mt)
-        tl.store(dCp + part + n * L + p, tl.sum(gy * h, axis=1), mask=mt)
+        tl.store(dBp + part + n * L + pt, _lane_row_sums(dh * dtu, lane, T, BE), mask=mst)
+        tl.store(dCp + part + n * L + pt, _lane_row_sums(gy * h, lane, T, BE), mask=mst)
     u_t = tl.load(u_ptr, mask=m2, other=0.0).to(tl.float32)
     r_t = tl.load(dt_ptr + ph[:, None], mask=m2, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -356,14 +394,14 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
 
 
 @triton.jit
-def _lane_bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b,
+def _lane_bwd_direction(pid_b, e, me, L, NCHUNK, NPART, u, su_b, su_e, dt, sd_b, sd_e, A, bias, Bm, sb_b,
                         sb_n, C, sc_b, sc_n, D, gap, sg_b, hsave, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b,
                         du, ddt, dz, dBp, dCp, darow, dDp, dbiasp, grow, E, SCALE,
                         N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, REV: tl.constexpr,
                         SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
                         HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, ACCUM_DZ: tl.constexpr,
                         HAS_IDX: tl.constexpr, FAST: tl.constexpr):
-    # du/ddt/dz: (b, E, L) contiguous; dBp/dCp: (b, NEB, N, L); darow/grow: this row's (E, N); dDp/dbiasp: (b, E)
+    # du/ddt/dz: (b, E, L) contiguous; dBp/dCp: (b, NPART, N, L); darow/grow: this row's (E, N); dDp/dbiasp: (b, E)
     n_idx = tl.arange(0, BN)
     zero_mask = me[None, :] & (n_idx[:, None] < N)
     tl.store(grow + e[None, :] * N + n_idx[:, None], tl.zeros((BN, BE), dtype=tl.float32), mask=zero_mask)
@@ -384,7 +422,11 @@ def _lane_bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, 
     else:
         k = tl.arange(0, T)
         kn = 1
-    part = ((pid_b * NEB + pid_e) * N) * L
+    # dB / dC partials per 32-channel group (NPART = cdiv(E, 32) of them), T steps spread over its lanes
+    lane = tl.arange(0, BE)
+    tok = (lane % 32) // (32 // T)
+    wmask = ((lane % (32 // T)) == 0) & (e // 32 < NPART)
+    part = ((pid_b * NPART + e // 32) * N) * L
     for i in range(NCHUNK):
         c = NCHUNK - 1 - i
         if REV:
@@ -395,13 +437,13 @@ def _lane_bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, 
             dD, dbias = _lane_bwd_chunk(
                 c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                 C, sc_b, sc_n, d_skip, gap, sg_b, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b, hsave, NCHUNK, grow,
-                darow, dBp, dCp, part, du, ddt, dz, E, dD, dbias, N, T, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
+                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
                 HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, True, FAST)
         else:
             dD, dbias = _lane_bwd_chunk(
                 c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                 C, sc_b, sc_n, d_skip, gap, sg_b, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b, hsave, NCHUNK, grow,
-                darow, dBp, dCp, part, du, ddt, dz, E, dD, dbias, N, T, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
+                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
                 HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, False, FAST)
     if HAS_D:
         tl.store(dDp + pid_b * E + e, dD, mask=me)
@@ -411,7 +453,7 @@ def _lane_bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u, su_b, su_e, dt, 
 @triton.jit
 def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm, sb_d, sb_b, sb_n,
              C, sc_d, sc_b, sc_n, D0, D1, gap, sg_d, sg_b, z, sz_b, sz_e, gout, sgo_b, sgo_e, hchk, idx, si_d, si_b,
-             du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, gscr, E, L, NCHUNK, NEB, scale,
+             du, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, gscr, E, L, NCHUNK, NPART, scale,
              N: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, T: tl.constexpr, NDIR: tl.constexpr,
              SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr,
              HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_IDX: tl.constexpr, FAST: tl.constexpr):
@@ -425,11 +467,11 @@ def scan_bwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
         if d > 0:
             tl.debug_barrier()  # this direction adds to dz what the previous one stored, in another step order
         A_d, bias_d, D_d = _direction_params(d, A0, A1, bias0, bias1, D0, D1)
-        _lane_bwd_direction(pid_b, pid_e, e, me, L, NCHUNK, NEB, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b,
+        _lane_bwd_direction(pid_b, e, me, L, NCHUNK, NPART, u + d * su_d, su_b, su_e, dt + d * sd_d, sd_b,
                             sd_e, A_d, bias_d, Bm + d * sb_d, sb_b, sb_n, C + d * sc_d, sc_b, sc_n, D_d,
                             gap + d * sg_d, sg_b, hchk + (d * nb + pid_b) * E * NCHUNK * N, gout, sgo_b, sgo_e, z,
                             sz_b, sz_e, idx + d * si_d, si_b, du + d * sz_grad, ddt + d * sz_grad, dz,
-                            dBp + d * nb * NEB * N * L, dCp + d * nb * NEB * N * L, dAp + (d * nb + pid_b) * E * N,
+                            dBp + d * nb * NPART * N * L, dCp + d * nb * NPART * N * L, dAp + (d * nb + pid_b) * E * N,
                             dDp + d * nb * E, dbiasp + d * nb * E, gscr + pid_b * E * N, E, scale,
                             N, BN, BE, T, (d == 1) and not HAS_IDX, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D, HAS_GAP,
                             HAS_Z, d > 0, HAS_IDX, FAST)

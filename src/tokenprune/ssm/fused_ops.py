@@ -112,12 +112,13 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
     be, t, warps = triton_scan.tile_config(L)
     nchunk = triton.cdiv(L, t)
     neb = triton.cdiv(E, be)
+    npart = triton.cdiv(E, 32)  # dB / dC partial sums, one per 32-channel group (a warp's lanes)
     f32 = torch.float32
     du = u.new_empty((ndir, b, E, L), dtype=u.dtype)
     ddt = u.new_empty((ndir, b, E, L), dtype=dt.dtype)
     dz = u.new_empty((b, E, L), dtype=z.dtype) if z is not None else u.new_empty((1,))
-    dBp = u.new_empty((ndir, b, neb, N, L), dtype=f32)
-    dCp = u.new_empty((ndir, b, neb, N, L), dtype=f32)
+    dBp = u.new_empty((ndir, b, npart, N, L), dtype=f32)
+    dCp = u.new_empty((ndir, b, npart, N, L), dtype=f32)
     dAp = u.new_empty((ndir, b, E, N), dtype=f32)
     gscr = u.new_empty((b, E, N), dtype=f32)  # carried-dh scratch
     dDp = u.new_zeros((ndir, b, E), dtype=f32)
@@ -132,7 +133,7 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         bias1 if bias1 is not None else any_, B, B.stride(0), B.stride(1), B.stride(2),
         C, C.stride(0), C.stride(1), C.stride(2), D0 if D0 is not None else any_, D1 if D1 is not None else any_,
         gg, gg.stride(0), gg.stride(1), zz, *_bel_strides(zz), gout, *_bel_strides(gout), hchk,
-        *_index_args(idx, gg), du, ddt, dz, dBp, dCp, dAp, dDp, dbp, gscr, E, L, nchunk, neb, float(scale),
+        *_index_args(idx, gg), du, ddt, dz, dBp, dCp, dAp, dDp, dbp, gscr, E, L, nchunk, npart, float(scale),
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus,
         HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
         HAS_Z=z is not None, HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(),

@@ -83,6 +83,9 @@ def tile_config(L):
     if be % (32 * warps):
         raise ValueError(f"TOKENPRUNE_SCAN_TILE: BE={be} must be a multiple of 32·warps = {32 * warps} "
                          "(one lane per channel)")
+    if t > 32:
+        raise ValueError(f"TOKENPRUNE_SCAN_TILE: T={t} must be at most 32 (the dB/dC sums spread a chunk's "
+                         "steps over a warp's lanes)")
     t = min(t, max(8, 1 << max(L - 1, 0).bit_length()))  # short sequences: no all-padding tiles
     return be, t, warps
 
