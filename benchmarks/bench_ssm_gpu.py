@@ -179,7 +179,7 @@ def section_scan(lines, quick, sweep):
         srows = []  # training: the backward's tile (its T is also the chunk of the states the forward saves)
         # the shipped tile first, then others that spill nothing on sm_90 (triton_sm90.py: more warps, shorter
         # chunks, two channels per thread), then one that spills a little but has longer chunks
-        for tile in ("32,8,1", "64,8,2", "128,8,4", "32,4,1", "64,4,1", "32,16,1"):
+        for tile in ("32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1"):
             os.environ["TOKENPRUNE_SCAN_TILE"] = tile
             try:
                 leaves = {k: v.clone().requires_grad_() if v is not None and v.is_floating_point() else v

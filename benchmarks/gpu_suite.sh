@@ -23,6 +23,9 @@ causal_conv1d.__version__)" 2>&1 | tail -1
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   stamp "fused-op parity"
   python tests/scripts/fused_check.py --device cuda --cases gpu 2>&1 | tee "$OUT/fused_parity.log"
+  # the scan backward at the tiles the ssm benchmark sweeps (their lane sums compile differently per tile)
+  python tests/scripts/fused_check.py --device cuda --tiles 32,8,1 64,8,2 32,4,1 64,4,1 32,16,1 2>&1 \
+    | tee "$OUT/fused_tiles.log"
   stamp "gpu tests"
   python -m pytest -q -m gpu -p no:cacheprovider -x --timeout 300 tests 2>&1 | tee "$OUT/gpu_tests.log"
 fi

@@ -50,15 +50,15 @@ def test_every_kernel_compiles_for_sm90_without_spills():
 
 def test_the_scans_keep_their_steps_in_registers():
     """Both scan kernels hold one channel per thread and the steps in registers: the forward stays near 10 SASS
-    instructions per (token, channel, state), training and inference (12 in bf16), the backward near 36. A layout
+    instructions per (token, channel, state), training and inference (12 in bf16), the backward near 34. A layout
     regression (Triton putting the steps back on the lanes, as the earlier (channels, steps) kernels had them:
     forward 69, backward 161), a reverse scan lowered with lane shuffles (+30 in the backward), dB and dC summed
-    over the channels with tl.sum's butterfly per step (+13) or the decays' subnormal range test (+4 per
-    exponential) shows up here."""
+    over the channels with tl.sum's butterfly per step (+13), a_{t+1} shifted through tl.gather (+69) or the
+    decays' subnormal range test (+4 per exponential) shows up here."""
     cases = ("scan_fwd", "scan_infer", "scan_infer_bf16", "scan_infer_4idx", "scan_bwd", "scan_bwd_4idx")
     rows = _table("--kernels", ",".join(cases))
     for case in cases:
-        limit = 42 if case.startswith("scan_bwd") else 12.5
+        limit = 40 if case.startswith("scan_bwd") else 12.5
         assert rows[case]["per_state"] <= limit, (case, rows)
 
 

@@ -29,6 +29,20 @@ def _decay(x2, FAST: tl.constexpr):
 
 
 @triton.jit
+def _neg_zero(shape):
+    # -0.0, the identity of +: sums of selects whose condition is known per register then fold to one operand
+    # (no instruction). Made by a bitcast, since Triton turns a -0.0 literal into +0.0, and x + 0.0 does not fold
+    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick_row(x, j):
+    # row j of a (T, BE) tile whose rows are a thread's own registers, as (BE,): free (see _neg_zero)
+    col = tl.arange(0, x.shape[0])[:, None]
+    return tl.sum(tl.where(col == j, x, _neg_zero(x.shape)), axis=0)
+
+
+@triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
@@ -126,9 +140,9 @@ def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, d
             for j in tl.static_range(1, T // TS):
                 sub = c * (T // TS) + j
                 tl.store(hsave + (e * NCHUNK + sub) * N + n,
-                         tl.sum(tl.where(col[:, None] == j * TS - 1, h, -0.0), axis=0), mask=me & (sub < NCHUNK))
+                         _pick_row(h, j * TS - 1), mask=me & (sub < NCHUNK))
         acc += h * c_n[:, None]
-        tl.store(hrow + e * N + n, tl.sum(tl.where(col[:, None] == T - 1, h, -0.0), axis=0), mask=me)
+        tl.store(hrow + e * N + n, _pick_row(h, T - 1), mask=me)
     yp = y + pid_b * sy_b + e[None, :] * sy_e + pu[:, None]
     if ACCUM:
         acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
@@ -215,7 +229,7 @@ def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
 # ---- backward: one channel per thread as well -------------------------------------------------------------------
 # (T, BE) tiles, each lane holding its channels' T steps in registers: the chunk's states are recomputed from the
 # saved one and the reverse recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} runs sequentially in registers, so only
-# the gradients of B and C (sums over channels) cross lanes. Compiled for sm_90 this is ~49 instructions per
+# the gradients of B and C (sums over channels) cross lanes. Compiled for sm_90 this is ~34 instructions per
 # (token, channel, state) against ~161 for the (channels, steps) tiles it replaces (benchmarks/triton_sm90.py).
 
 @triton.jit
@@ -231,8 +245,8 @@ def _halve_rows(R, lane, M: tl.constexpr, BE: tl.constexpr, OFF: tl.constexpr):
     # partner lane's (lane ^ OFF) values of that half, sending it the other half
     R3 = tl.reshape(R, (2, M // 2, BE))
     half = tl.arange(0, 2)[:, None, None]
-    lo = tl.sum(tl.where(half == 0, R3, -0.0), axis=0)  # -0.0, the identity of +: the selects fold
-    hi = tl.sum(tl.where(half == 1, R3, -0.0), axis=0)
+    lo = tl.sum(tl.where(half == 0, R3, _neg_zero(R3.shape)), axis=0)  # free (see _neg_zero)
+    hi = tl.sum(tl.where(half == 1, R3, _neg_zero(R3.shape)), axis=0)
     up = ((lane & OFF) != 0)[None, :]
     return tl.where(up, hi, lo) + _xor_lanes(tl.where(up, lo, hi), lane, OFF)
 
@@ -242,7 +256,7 @@ def _lane_row_sums(P, lane, T: tl.constexpr, BE: tl.constexpr):
     # P (T, BE), one channel per lane, T <= 32 rows -> (BE,): lane l holds the sum over its group of 32 lanes
     # of row (l % 32) // (32 // T). A transposed reduction: tl.sum(P, axis=1) shuffles every row through all 5
     # butterfly levels (5·T shuffles and adds per lane); halving the rows at each level takes ~T + 5 (and two
-    # selects per exchanged value), the cross-lane sums for dB and dC being ~40 % of the backward's loop
+    # selects per exchanged value): sm_90 backward 49 -> 36 instructions per (token, channel, state)
     R = P
     for i in tl.static_range(5):
         if (T >> i) >= 2:
@@ -250,6 +264,17 @@ def _lane_row_sums(P, lane, T: tl.constexpr, BE: tl.constexpr):
         else:
             R = R + _xor_lanes(R, lane, 16 >> i)
     return tl.reshape(R, (BE,))
+
+
+@triton.jit
+def _shift_up(x, last, T: tl.constexpr):
+    # (T, BE) steps in each thread's registers -> rows 1..T-1 of x, then `last` (1, BE): only renames registers
+    # (see _pick_row), where tl.gather along the steps is lowered through shared memory and lane shuffles
+    col = tl.arange(0, T)[:, None]
+    y = tl.broadcast_to(last, x.shape)
+    for j in tl.static_range(T - 1):
+        y = tl.where(col == j, _pick_row(x, j + 1)[None, :], y)
+    return y
 
 
 @triton.jit
@@ -294,19 +319,19 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
     z_ptr = z + pid_b * sz_b + e[None, :] * sz_e + pu[:, None]
     u_t = tl.load(u_ptr, mask=m2, other=0.0).to(tl.float32)
     d_t = _delta(dt_ptr + ph[:, None], m2, d_bias, HAS_BIAS, SOFTPLUS)
-    d_n = _delta(dt_ptr + pnh[:, None], m2n, d_bias, HAS_BIAS, SOFTPLUS)
     if MASKED:
         d_t = tl.where(m2, d_t, 0.0)
-        d_n = tl.where(m2n, d_n, 0.0)
+    # (1, BE) Δ of the step after the chunk: a_{t+1} of the chunk's last step (the others are its decays shifted)
+    d_l = _delta(dt + pid_b * sd_b + e * sd_e + (p0 + kn * T), me & ((c + 1) * T < L), d_bias, HAS_BIAS,
+                 SOFTPLUS)
     dtu = d_t * u_t
     if HAS_GAP:
         s_t = tl.load(gap + (pid_b * sg_b + p0) + k, mask=mt, other=1.0).to(tl.float32)
-        s_n = tl.load(gap + (pid_b * sg_b + p0) + (k + kn), mask=mtn, other=1.0).to(tl.float32)
+        s_l = tl.load(gap + (pid_b * sg_b + p0) + kn * T, mask=(c + 1) * T < L, other=1.0).to(tl.float32)
         dts = d_t * s_t[:, None]
-        dtsn = d_n * s_n[:, None]
+        d_l = d_l * s_l
     else:
         dts = d_t
-        dtsn = d_n
     gy = tl.load(go_ptr, mask=m2, other=0.0).to(tl.float32) * SCALE
     if HAS_Z:
         z_t = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
@@ -327,16 +352,12 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         else:
             b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k).to(tl.float32)
             c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
-        # the chunk's states, from the one the forward saved at its start
         drive = dtu * b_n[:, None]
         a2 = a_n * LOG2E
-        ca, cx = tl.associative_scan((_decay(dts * a2[None, :], FAST), drive), 0, _combine)
-        h0 = tl.load(hsave + (e * NCHUNK + c) * N + n, mask=me, other=0.0)
-        h = cx + ca * h0[None, :]
-        if HAS_Z:
-            y_acc += h * c_n[:, None]
-        # reverse recurrence, started from the dh carried in from the next chunk
-        a_next = _decay(dtsn * a2[None, :], FAST)
+        dec = _decay(dts * a2[None, :], FAST)
+        # reverse recurrence, started from the dh carried in from the next chunk. a_{t+1}: the decays shifted by
+        # one step within the registers, the last from the step after the chunk
+        a_next = _shift_up(dec, _decay(d_l * a2[None, :], FAST), T)
         if MASKED:
             a_next = tl.where(m2n, a_next, 0.0)
         # a forward scan of the flipped chunk: the steps are in registers, so the flips only rename them, while
@@ -344,10 +365,15 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         ga, gx = tl.associative_scan((tl.flip(a_next, 0), tl.flip(gy * c_n[:, None], 0)), 0, _combine)
         ga = tl.flip(ga, 0)
         gx = tl.flip(gx, 0)
+        # the chunk's states, from the one the forward saved at its start
+        ca, cx = tl.associative_scan((dec, drive), 0, _combine)
+        h0 = tl.load(hsave + (e * NCHUNK + c) * N + n, mask=me, other=0.0)
+        h = cx + ca * h0[None, :]
+        if HAS_Z:
+            y_acc += h * c_n[:, None]
         g_in = tl.load(grow + e * N + n, mask=me, other=0.0)
         dh = gx + ga * g_in[None, :]
-        # -0.0 (the identity of +) lets the compiler drop the other rows' terms
-        tl.store(grow + e * N + n, tl.sum(tl.where(col[:, None] == 0, dh, -0.0), axis=0), mask=me)
+        tl.store(grow + e * N + n, _pick_row(dh, 0), mask=me)
         if MASKED:
             dh = tl.where(m2, dh, 0.0)
         hx = dh * (h - drive)  # dh_t · a_t·h_{t-1}
