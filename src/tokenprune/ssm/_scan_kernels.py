@@ -43,6 +43,14 @@ def _pick_row(x, j):
 
 
 @triton.jit
+def _seed_first(x, a, h0):
+    # x with a·h0 added to its first row (step): an associative scan of (a, x) then gives the recurrence started
+    # from h0 (BE,), without the cumulative products of a
+    col = tl.arange(0, x.shape[0])[:, None]
+    return tl.where(col == 0, x + a * h0[None, :], x)
+
+
+@triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
@@ -71,8 +79,8 @@ def _direction_params(d: tl.constexpr, A0, A1, bias0, bias1, D0, D1):
 # aligned, as L = 197 gives) makes every associative scan and end-of-chunk read a shuffle across 32 lanes:
 # compiled for sm_90, ~69 instructions per (token, channel, state) in the forward that had it. This forward
 # holds (T, BE) tiles with one channel per lane and the T steps in the thread's registers: the scans run
-# sequentially in registers, no shuffles (~10 with the ex2.approx decays). Loads of u/Δ/z read 32 rows per warp
-# instruction, each 32-byte sector reused from L1 over the next steps.
+# sequentially in registers, no shuffles (~8 with the ex2.approx decays and the carried state seeded into the
+# scan). Loads of u/Δ/z read 32 rows per warp instruction, each 32-byte sector reused from L1 over the next steps.
 
 @triton.jit
 def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm,
@@ -132,9 +140,11 @@ def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, d
         else:
             b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k).to(tl.float32)
             c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
-        ca, cx = tl.associative_scan((_decay(dts * a2[None, :], FAST), dtu * b_n[:, None]), 0, _combine)
+        dec = _decay(dts * a2[None, :], FAST)
         h0 = tl.load(hrow + e * N + n, mask=me, other=0.0)
-        h = cx + ca * h0[None, :]
+        # the carried state enters as the first step's input, so the scan's products of decays are unused
+        # (dropped by the compiler): h_t = a_t·h_{t-1} + x_t is one FFMA per step
+        _, h = tl.associative_scan((dec, _seed_first(dtu * b_n[:, None], dec, h0)), 0, _combine)
         if SAVE:  # the state before each of the backward's chunks of TS steps (hchk: NCHUNK of them per channel)
             tl.store(hsave + (e * NCHUNK + c * (T // TS)) * N + n, h0, mask=me)
             for j in tl.static_range(1, T // TS):
@@ -229,7 +239,7 @@ def scan_fwd(u, su_d, su_b, su_e, dt, sd_d, sd_b, sd_e, A0, A1, bias0, bias1, Bm
 # ---- backward: one channel per thread as well -------------------------------------------------------------------
 # (T, BE) tiles, each lane holding its channels' T steps in registers: the chunk's states are recomputed from the
 # saved one and the reverse recurrence dh_t = C_t·g_t + a_{t+1}·dh_{t+1} runs sequentially in registers, so only
-# the gradients of B and C (sums over channels) cross lanes. Compiled for sm_90 this is ~34 instructions per
+# the gradients of B and C (sums over channels) cross lanes. Compiled for sm_90 this is ~30 instructions per
 # (token, channel, state) against ~161 for the (channels, steps) tiles it replaces (benchmarks/triton_sm90.py).
 
 @triton.jit
@@ -362,17 +372,16 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
             a_next = tl.where(m2n, a_next, 0.0)
         # a forward scan of the flipped chunk: the steps are in registers, so the flips only rename them, while
         # reverse=True is lowered with lane shuffles (~240 per state, seen in the sm_90 SASS)
-        ga, gx = tl.associative_scan((tl.flip(a_next, 0), tl.flip(gy * c_n[:, None], 0)), 0, _combine)
-        ga = tl.flip(ga, 0)
-        gx = tl.flip(gx, 0)
+        # (the carried dh seeded into the first step walked, as in the forward)
+        g_in = tl.load(grow + e * N + n, mask=me, other=0.0)
+        a_rev = tl.flip(a_next, 0)
+        _, dh = tl.associative_scan((a_rev, _seed_first(tl.flip(gy * c_n[:, None], 0), a_rev, g_in)), 0, _combine)
+        dh = tl.flip(dh, 0)
         # the chunk's states, from the one the forward saved at its start
-        ca, cx = tl.associative_scan((dec, drive), 0, _combine)
         h0 = tl.load(hsave + (e * NCHUNK + c) * N + n, mask=me, other=0.0)
-        h = cx + ca * h0[None, :]
+        _, h = tl.associative_scan((dec, _seed_first(drive, dec, h0)), 0, _combine)
         if HAS_Z:
             y_acc += h * c_n[:, None]
-        g_in = tl.load(grow + e * N + n, mask=me, other=0.0)
-        dh = gx + ga * g_in[None, :]
         tl.store(grow + e * N + n, _pick_row(dh, 0), mask=me)
         if MASKED:
             dh = tl.where(m2, dh, 0.0)
@@ -463,14 +472,14 @@ def _lane_bwd_direction(pid_b, e, me, L, NCHUNK, NPART, u, su_b, su_e, dt, sd_b,
             dD, dbias = _lane_bwd_chunk(
                 c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                 C, sc_b, sc_n, d_skip, gap, sg_b, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b, hsave, NCHUNK, grow,
-                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
-                HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, True, FAST)
+                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS,
+                A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, True, FAST)
         else:
             dD, dbias = _lane_bwd_chunk(
                 c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt, sd_b, sd_e, A, d_bias, Bm, sb_b, sb_n,
                 C, sc_b, sc_n, d_skip, gap, sg_b, gout, sgo_b, sgo_e, z, sz_b, sz_e, idx, si_b, hsave, NCHUNK, grow,
-                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS, A_IS_LOG, HAS_D,
-                HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, False, FAST)
+                darow, dBp, dCp, part, lane, tok, wmask, du, ddt, dz, E, dD, dbias, N, T, BE, SOFTPLUS, HAS_BIAS,
+                A_IS_LOG, HAS_D, HAS_GAP, HAS_Z, ACCUM_DZ, HAS_IDX, False, FAST)
     if HAS_D:
         tl.store(dDp + pid_b * E + e, dD, mask=me)
     if HAS_BIAS:
