@@ -244,16 +244,20 @@ def check_compile(device):
 TILE_CASES = [(2, 2, 70, 3, 37, "all", "bel", torch.float32), (1, 1, 40, 2, 9, "all+idx", "ebl", torch.float32)]
 
 
+def report(label, errs, tol):
+    """Print one check's line; True when its worst error exceeds tol."""
+    worst = max(errs.values())
+    detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+    print(f"{label}: worst {worst:.2e} (tol {tol:g}) [{detail}]")
+    return not worst <= tol
+
+
 def check_tiles(tiles, device):
     failed = False
     for tile in tiles:
         os.environ["TOKENPRUNE_SCAN_TILE"] = tile
         for i, case in enumerate(TILE_CASES):
-            errs = check_scan(case, device, 60 + i)
-            worst = max(errs.values())
-            failed |= not worst <= TOL[case[-1]]
-            print(f"scan at tile {tile} {case[:7]}: worst {worst:.2e} (tol {TOL[case[-1]]:g}) [" +
-                  " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + "]")
+            failed |= report(f"scan at tile {tile} {case[:7]}", check_scan(case, device, 60 + i), TOL[case[-1]])
     os.environ.pop("TOKENPRUNE_SCAN_TILE")
     print("FAILED" if failed else "all tile checks passed")
     return 1 if failed else 0
@@ -275,20 +279,12 @@ def main():
             checks.append(("conv", lambda: check_conv(case[0], case[1], case[2], case[4], case[6], case[7],
                                                       args.device, 20 + i)))
         for what, run in checks:
-            errs = run()
-            worst = max(errs.values())
-            failed |= not worst <= tol
-            detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-            print(f"{what} {case[:7]} {str(case[7]).split('.')[-1]}: worst {worst:.2e} (tol {tol:g}) [{detail}]")
+            failed |= report(f"{what} {case[:7]} {str(case[7]).split('.')[-1]}", run(), tol)
     for i, case in enumerate(NORM if args.cases == "small" else NORM[:2] + [((64, 197), 384, True,
                                                                              torch.bfloat16, torch.bfloat16)]):
-        errs = check_norm(*case, args.device, 40 + i)
-        worst = max(errs.values())
         tol = TOL[case[3]] if case[4] == torch.float32 else TOL[torch.bfloat16]
-        failed |= not worst <= tol
-        detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-        print(f"add_rms_norm {case[:3]} {str(case[3]).split('.')[-1]}->{str(case[4]).split('.')[-1]}: "
-              f"worst {worst:.2e} (tol {tol:g}) [{detail}]")
+        failed |= report(f"add_rms_norm {case[:3]} {str(case[3]).split('.')[-1]}->{str(case[4]).split('.')[-1]}",
+                         check_norm(*case, args.device, 40 + i), tol)
     errs = check_compile(args.device)
     worst = max(errs.values())
     failed |= not worst <= 1e-5

@@ -57,13 +57,30 @@ def _softplus(x):
 
 @triton.jit
 def _delta(ptr, mask, d_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    # Δ of a (T, BE) tile: the raw input plus the channel bias, through softplus
+    # Δ of a (T, BE) or (1, BE) tile: the raw input plus the channel bias, through softplus
     d = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         d += d_bias[None, :]
     if SOFTPLUS:
         d = _softplus(d)
     return d
+
+@triton.jit
+def _state_rows(n, A, e, me, Bm, sb_b, sb_n, C, sc_b, sc_n, pid_b, p0, k, mt, N: tl.constexpr,
+                A_IS_LOG: tl.constexpr, MASKED: tl.constexpr):
+    # state n's inputs for a chunk at steps p0 + k: A_n per channel, A_n·log2(e) for _decay, the B and C rows
+    # (masked only in the partial chunk, so the others load at immediate offsets)
+    a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        a_n = -tl.exp(a_n)
+    if MASKED:
+        b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
+        c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
+    else:
+        b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k).to(tl.float32)
+        c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
+    return a_n, a_n * LOG2E, b_n, c_n
+
 
 @triton.jit
 def _direction_params(d: tl.constexpr, A0, A1, bias0, bias1, D0, D1):
@@ -130,16 +147,8 @@ def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, d
     if HAS_D:
         acc += d_skip[None, :] * u_t
     for n in range(N):
-        a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
-        if A_IS_LOG:
-            a_n = -tl.exp(a_n)
-        a2 = a_n * LOG2E
-        if MASKED:
-            b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
-            c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
-        else:
-            b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k).to(tl.float32)
-            c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
+        a_n, a2, b_n, c_n = _state_rows(n, A, e, me, Bm, sb_b, sb_n, C, sc_b, sc_n, pid_b, p0, k, mt, N, A_IS_LOG,
+                                        MASKED)
         dec = _decay(dts * a2[None, :], FAST)
         h0 = tl.load(hrow + e * N + n, mask=me, other=0.0)
         # the carried state enters as the first step's input, so the scan's products of decays are unused
@@ -295,28 +304,24 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
                     A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_GAP: tl.constexpr, HAS_Z: tl.constexpr,
                     ACCUM_DZ: tl.constexpr, HAS_IDX: tl.constexpr, MASKED: tl.constexpr,
                     FAST: tl.constexpr):
-    # steps p0 + k of chunk c (walking order c·T + col), their successors p0 + k + kn. Only the sequence's last
+    # steps p0 + k of chunk c (walking order c·T + col; kn = ±1 the walking direction). Only the sequence's last
     # chunk (MASKED, walked first) has padding steps or a last step without successor (a_{t+1} = 0 there).
     # grow / darow: this batch row's (E, N) fp32 scratch of the carried dh and the dA sums, one channel's per
-    # thread; returns the running dD and dbias sums. dB and dC partials: lane l stores step tok (see
-    # _lane_row_sums) of its 32-channel group's row part, where wmask
+    # thread; returns the running dD and dbias sums. dB and dC: lane l stores step tok of its 32-channel group's
+    # sum (see _lane_row_sums) at row `part` of the partials where wmask
     col = tl.arange(0, T)
     p = p0 + k
-    pn = p0 + (k + kn)
     w = c * T + col
     pt = p0 + kn * tok
     if MASKED:
         mt = w < L
-        mtn = (w + 1) < L
+        m2n = ((w + 1) < L)[:, None] & me[None, :]  # steps with a successor
         mst = wmask & ((c * T + tok) < L)
     else:
         mt = col < T
-        mtn = mt
         mst = wmask
     ph = p * one  # opaque positions: the lanes go along the channels, the steps stay in registers
-    pnh = pn * one
     m2 = mt[:, None] & me[None, :]
-    m2n = mtn[:, None] & me[None, :]
     if HAS_IDX:
         pu = tl.load(idx + (pid_b * si_b + p0) + k, mask=mt, other=0) * one
     else:
@@ -353,17 +358,9 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
     g_b = tl.zeros(dtu.shape, dtype=tl.float32)  # Σ_n dh_n·B_n
     g_a = tl.zeros(dtu.shape, dtype=tl.float32)  # Σ_n dh_n·A_n·a_n·h_{n,t-1}
     for n in range(N):
-        a_n = tl.load(A + e * N + n, mask=me, other=0.0).to(tl.float32)
-        if A_IS_LOG:
-            a_n = -tl.exp(a_n)
-        if MASKED:
-            b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
-            c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k, mask=mt, other=0.0).to(tl.float32)
-        else:
-            b_n = tl.load(Bm + (pid_b * sb_b + n * sb_n + p0) + k).to(tl.float32)
-            c_n = tl.load(C + (pid_b * sc_b + n * sc_n + p0) + k).to(tl.float32)
+        a_n, a2, b_n, c_n = _state_rows(n, A, e, me, Bm, sb_b, sb_n, C, sc_b, sc_n, pid_b, p0, k, mt, N, A_IS_LOG,
+                                        MASKED)
         drive = dtu * b_n[:, None]
-        a2 = a_n * LOG2E
         dec = _decay(dts * a2[None, :], FAST)
         # reverse recurrence, started from the dh carried in from the next chunk. a_{t+1}: the decays shifted by
         # one step within the registers, the last from the step after the chunk
