@@ -1,6 +1,6 @@
 """GPU speed of the SSM path (issue 16), every table from one run, ratios measured in that run.
 
-    python benchmarks/bench_ssm_gpu.py --out benchmarks/gpu_h200/ssm.md [--quick] [--sweep]
+    python benchmarks/bench_ssm_gpu.py --out benchmarks/gpu_h200/ssm.md [--quick] [--sweep] [--sections a,b]
 
 1. the scan at ViM-S shape (128, 768, 16, 197) vs a device copy of the same bytes (fp32 and bf16 inputs), for
    the public single-direction op and ViM's fused bidirectional op; mamba-ssm's ``selective_scan_fn`` on the
@@ -99,7 +99,7 @@ def table(rows, cols):
     return "\n".join(out)
 
 
-def section_scan(lines, quick, sweep):
+def section_scan(lines):
     (b, E, L), N = size(128, 768, 197), 16
     rows = []
     have_mamba = False
@@ -159,44 +159,48 @@ def section_scan(lines, quick, sweep):
                   iters=10)
         lines.append(f"\nfwd+bwd fp32 at ViM-S shape: ours {t['ours'] * 1e3:.3f} ms, mamba-ssm "
                      f"{t['mamba-ssm'] * 1e3:.3f} ms, ratio mamba/ours {t['mamba-ssm'] / t['ours']:.2f}\n")
-    if sweep:
-        lines.append("\n### Tile sweep (bidirectional fused scan, bf16, ViM-S shape; ptxas spills per tile in "
-                     "results_triton_sm90.md)\n")
-        x = scan_inputs(b, E, N, L, torch.bfloat16, ndir=2)
-        irows = []  # the forward kernel (inference: no saved states), T steps per thread x warps
-        for tile in ("32,2", "16,2", "32,4", "16,4", "8,2", "32,1"):
-            os.environ["TOKENPRUNE_SCAN_FWD_TILE"] = tile
-            try:
-                with torch.no_grad():
-                    t = bench({"f": lambda: fused_selective_scan(
-                        x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"],
-                        D1=x["D1"], bias1=x["bias1"], softplus=True)}, iters=10, rounds=3)["f"]
-                irows.append({"forward T,warps": tile, "fwd ms": f"{t * 1e3:.3f}"})
-            except Exception as exc:  # noqa: BLE001
-                irows.append({"forward T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
-            os.environ.pop("TOKENPRUNE_SCAN_FWD_TILE")
-        lines.append(table(irows, ["forward T,warps", "fwd ms"]) + "\n")
-        srows = []  # training: the backward's tile (its T is also the chunk of the states the forward saves)
-        # the shipped tile first, then others that spill nothing on sm_90 (triton_sm90.py: more warps, shorter
-        # chunks, two channels per thread), then one that spills a little but has longer chunks
-        for tile in ("32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1"):
-            os.environ["TOKENPRUNE_SCAN_TILE"] = tile
-            try:
-                leaves = {k: v.clone().requires_grad_() if v is not None and v.is_floating_point() else v
-                          for k, v in x.items()}
-                gy = torch.randn_like(x["z"])
 
-                def fwd_bwd():
-                    fused_selective_scan(leaves["u"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
-                                         leaves["D"], leaves["z"], leaves["bias"], A1=leaves["A1"],
-                                         D1=leaves["D1"], bias1=leaves["bias1"], softplus=True).backward(gy)
-                tb = bench({"fb": fwd_bwd}, iters=5, rounds=3)["fb"]
-                srows.append({"backward BE,T,warps": tile, "fwd+bwd ms": f"{tb * 1e3:.3f}"})
-            except Exception as exc:  # noqa: BLE001
-                srows.append({"backward BE,T,warps": tile,
-                              "fwd+bwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
-            os.environ.pop("TOKENPRUNE_SCAN_TILE")
-        lines.append(table(srows, ["backward BE,T,warps", "fwd+bwd ms"]))
+
+def section_sweep(lines):
+    """Both scan kernels at other tiles (TOKENPRUNE_SCAN_FWD_TILE / TOKENPRUNE_SCAN_TILE), ViM-S shape, bf16."""
+    (b, E, L), N = size(128, 768, 197), 16
+    lines.append("\n### Tile sweep (bidirectional fused scan, bf16, ViM-S shape; ptxas spills per tile in "
+                 "results_triton_sm90.md)\n")
+    x = scan_inputs(b, E, N, L, torch.bfloat16, ndir=2)
+    irows = []  # the forward kernel (inference: no saved states), T steps per thread x warps
+    for tile in ("32,2", "16,2", "32,4", "16,4", "8,2", "32,1"):
+        os.environ["TOKENPRUNE_SCAN_FWD_TILE"] = tile
+        try:
+            with torch.no_grad():
+                t = bench({"f": lambda: fused_selective_scan(
+                    x["u"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], A1=x["A1"],
+                    D1=x["D1"], bias1=x["bias1"], softplus=True)}, iters=10, rounds=3)["f"]
+            irows.append({"forward T,warps": tile, "fwd ms": f"{t * 1e3:.3f}"})
+        except Exception as exc:  # noqa: BLE001
+            irows.append({"forward T,warps": tile, "fwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
+        os.environ.pop("TOKENPRUNE_SCAN_FWD_TILE")
+    lines.append(table(irows, ["forward T,warps", "fwd ms"]) + "\n")
+    srows = []  # training: the backward's tile (its T is also the chunk of the states the forward saves)
+    # the shipped tile first, then others that spill nothing on sm_90 (triton_sm90.py: more warps, shorter
+    # chunks, two channels per thread), then one that spills a little but has longer chunks
+    for tile in ("32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1"):
+        os.environ["TOKENPRUNE_SCAN_TILE"] = tile
+        try:
+            leaves = {k: v.clone().requires_grad_() if v is not None and v.is_floating_point() else v
+                      for k, v in x.items()}
+            gy = torch.randn_like(x["z"])
+
+            def fwd_bwd():
+                fused_selective_scan(leaves["u"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                                     leaves["D"], leaves["z"], leaves["bias"], A1=leaves["A1"],
+                                     D1=leaves["D1"], bias1=leaves["bias1"], softplus=True).backward(gy)
+            tb = bench({"fb": fwd_bwd}, iters=5, rounds=3)["fb"]
+            srows.append({"backward BE,T,warps": tile, "fwd+bwd ms": f"{tb * 1e3:.3f}"})
+        except Exception as exc:  # noqa: BLE001
+            srows.append({"backward BE,T,warps": tile,
+                          "fwd+bwd ms": f"failed: {type(exc).__name__}: {exc}"[:120]})
+        os.environ.pop("TOKENPRUNE_SCAN_TILE")
+    lines.append(table(srows, ["backward BE,T,warps", "fwd+bwd ms"]))
 
 
 def section_mixer(lines):
@@ -322,7 +326,7 @@ def section_models(lines, impls):
             a = vim(x)
         with scan_impl("reference"):
             b = vim(x)
-    lines.append(f"\nViM-S logits, fused Triton path vs reference loop (fp32, TF32 off, batch 4): max abs diff "
+    lines.append(f"\nViM-S logits, fused Triton path vs reference loop (fp32, TF32 off, batch 2): max abs diff "
                  f"{(a - b).abs().max().item():.2e}\n")
     torch.backends.cuda.matmul.allow_tf32 = True
     return vim, deit
@@ -377,19 +381,32 @@ def section_kernels(lines, vim):
                  f"({len(kernels) / depth:.1f} per block over {depth} blocks)\n")
 
 
+SECTIONS = ("scan", "mixer", "length", "models", "kernels", "train", "sweep")
+DEFAULT_SECTIONS = SECTIONS[:-1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/gpu_h200/ssm.md")
-    ap.add_argument("--sweep", action="store_true", help="also time a few scan tile sizes")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma list of {', '.join(SECTIONS)} (models also feeds kernels and train)")
+    ap.add_argument("--sweep", action="store_true", help="also time a few scan tile sizes (the sweep section)")
     ap.add_argument("--quick", action="store_true", help="skip the training step")
     ap.add_argument("--impls", default="triton", help="comma list of ViM scan impls for the model tables")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes and models on CPU (run with TRITON_INTERPRET=1): checks the script only")
     args = ap.parse_args()
+    want = [s for s in args.sections.split(",") if s]
+    bad = sorted(set(want) - set(SECTIONS))
+    if bad:
+        raise SystemExit(f"unknown section(s) {bad}; expected a comma list of {', '.join(SECTIONS)}")
+    if args.sweep and "sweep" not in want:
+        want.append("sweep")
+    if args.quick and "train" in want:
+        want.remove("train")
     global DEV, SMOKE, VIM, DEIT, IMG
     if args.smoke:
         DEV, SMOKE, VIM, DEIT, IMG = "cpu", True, "vim_micro_patch8_56", "deit_micro_patch8_56", 56
-    lines = [header("SSM path on the GPU (issue 16)" + (" [smoke run on CPU: not a measurement]" if SMOKE else ""))]
     impls = args.impls.split(",")
     try:
         import mamba_ssm  # noqa: F401
@@ -398,30 +415,53 @@ def main():
             impls.append("cuda")  # the model with mamba-ssm's selective_scan_fn per direction, side by side
     except Exception:  # noqa: BLE001
         have_mamba = False
-    t0 = time.time()
-    for name, fn in (("scan", lambda: section_scan(lines, args.quick, args.sweep)),
-                     ("mixer", lambda: section_mixer(lines) if have_mamba else None),
-                     ("length", lambda: section_length(lines))):
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001  (one failing section must not lose the others)
-            lines.append(f"\n{name} section failed: `{type(exc).__name__}: {exc}`\n")
-        print(f"[{time.time() - t0:.0f}s] {name} done", flush=True)
-    try:
-        vim, deit = section_models(lines, impls)
-        print(f"[{time.time() - t0:.0f}s] models done", flush=True)
-        section_kernels(lines, vim)
-        if not args.quick:
-            section_train(lines, vim, deit, impls)
-            print(f"[{time.time() - t0:.0f}s] train done", flush=True)
-    except Exception as exc:  # noqa: BLE001
-        import traceback
-        lines.append(f"\nmodel sections failed: `{type(exc).__name__}: {exc}`\n```\n{traceback.format_exc()}```\n")
-    text = "\n".join(lines) + "\n"
-    print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a") as fh:
-        fh.write(text + "\n")
+    lines = [header("SSM path on the GPU (issue 16)" + (" [smoke run on CPU: not a measurement]" if SMOKE else ""))
+             + f"- sections: {', '.join(want)}\n"]
+    written = 0
+
+    def flush():
+        # each section's table is printed and appended as soon as it is done: a run cut off at the device's
+        # time limit keeps every finished section
+        nonlocal written
+        text = "\n".join(lines[written:]) + "\n"
+        written = len(lines)
+        print(text, flush=True)
+        with open(args.out, "a") as fh:
+            fh.write(text)
+
+    models = {}
+
+    def run_models():
+        models["vim"], models["deit"] = section_models(lines, impls)
+
+    def need_models(fn):
+        def run():
+            if not models:
+                run_models()
+            fn()
+        return run
+    steps = {"scan": lambda: section_scan(lines),
+             "mixer": lambda: section_mixer(lines) if have_mamba else lines.append(
+                 "\nmixer section skipped: mamba-ssm is not importable here\n"),
+             "length": lambda: section_length(lines),
+             "models": run_models,
+             "kernels": need_models(lambda: section_kernels(lines, models["vim"])),
+             "train": need_models(lambda: section_train(lines, models["vim"], models["deit"], impls)),
+             "sweep": lambda: section_sweep(lines)}
+    t0 = time.time()
+    for name in SECTIONS:
+        if name not in want:
+            continue
+        try:
+            steps[name]()
+        except Exception as exc:  # noqa: BLE001  (one failing section must not lose the others)
+            import traceback
+            lines.append(f"\n{name} section failed: `{type(exc).__name__}: {exc}`\n```\n{traceback.format_exc()}```\n")
+        print(f"[{time.time() - t0:.0f}s] {name} done", flush=True)
+        flush()
+    lines.append("")
+    flush()
 
 
 if __name__ == "__main__":

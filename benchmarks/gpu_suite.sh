@@ -1,48 +1,105 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one go, on a CUDA machine with the project importable; logs and tables under $1:
-#   bash benchmarks/gpu_suite.sh benchmarks/gpu_h200/run1 [all|tests|bench|ssm]
-# 1. kernel parity: the fused Triton scan/conv vs float64 references (tests/scripts/fused_check.py), and the
-#    GPU-marked tests (every kernel vs the reference, every method on GPU vs CPU, ViT path vs timm, capture);
-# 2. benchmarks, each a set of ratios measured in one run: the SSM path (scan vs a same-bytes copy, vs
-#    mamba-ssm when installed, time vs L, ViM-S vs DeiT-S, bf16 vs fp32, training step, kernels per forward),
-#    then the pruning grid and the VLM prefill benchmark when present.
-# Set TOKENPRUNE_SUITE_FAST=1 to skip the slower GPU tests.
+# Every GPU check and benchmark in one call that fits a short lease; logs and tables under $1:
+#   bash benchmarks/gpu_suite.sh OUT [STAGES]        e.g.  bash benchmarks/gpu_suite.sh $OUT
+# STAGES: a comma list of the stages below, or all (default), tests (parity,tests,tiles) or bench (the rest).
+# Stages run in priority order (correctness first, then one table per issue, then extras), each until its
+# planned end: the sum of its and the earlier stages' caps, so time an early stage leaves is the later ones',
+# and never past SUITE_BUDGET_S (default 560 s, for a device call's 600 s limit) counted from the start.
+# A stage cut off keeps what it printed (every log is written as it goes); stages never started are listed
+# at the end with the command that runs them in a second call.
+#   parity  kernel parity: the fused Triton scan/conv vs float64 references (tests/scripts/fused_check.py)
+#   tests   the gpu-marked tests (kernels vs reference, methods on GPU vs CPU, ViT vs timm, CUDA-graph capture)
+#   ssm     issue 16's tables (bench_ssm_gpu.py: scan vs a same-bytes copy and vs mamba-ssm, time vs L,
+#           ViM-S vs DeiT-S, bf16 vs fp32, training step, kernels per forward)
+#   grid    issue 17's grid (bench_gpu_grid.py: every preset at 40 %, ViM-S and DeiT-S, fp32/bf16, inference
+#           and training step, speed-up next to FLOPs ratio)
+#   vlm     issue 20's prefill benchmark (LLaVA-1.5-7B shapes in bf16, VisionZip)
+#   tiles   the scan backward at the tiles the sweep times (their lane sums compile differently per tile)
+#   sweep   scan tile sweep (bench_ssm_gpu.py --sections sweep)
+#   ckpt    gradient-checkpointing memory (ViM-S, PlainMamba-L2)
+#   vlm2    the prefill benchmark with the CLS-attention reducer
+# Wheels the image lacks (scripts/prepare_gpu_wheels.sh fills .whl/) are installed into /tmp/site first.
+# SUITE_DRY_RUN=1 prints the plan (stage, cap, planned end) and runs nothing.
 set -uo pipefail
 OUT=${1:-benchmarks/gpu_out}
-MODE=${2:-all}
+REQ=${2:-all}
+BUDGET=${SUITE_BUDGET_S:-560}
+ORDER=(parity tests ssm grid vlm tiles sweep ckpt vlm2)
+declare -A CAP=([parity]=80 [tests]=110 [ssm]=170 [grid]=130 [vlm]=70 [tiles]=60 [sweep]=60 [ckpt]=60 [vlm2]=60)
+case "$REQ" in
+  all) WANT=" ${ORDER[*]} " ;;
+  tests) WANT=" parity tests tiles " ;;
+  bench) WANT=" ssm grid vlm sweep ckpt vlm2 " ;;
+  *) WANT=" ${REQ//,/ } " ;;
+esac
+for s in $WANT; do
+  [ -n "${CAP[$s]:-}" ] || { echo "unknown stage '$s'; expected a comma list of: ${ORDER[*]}, or all/tests/bench"; exit 2; }
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-stamp() { echo "[suite $(( $(date +%s) - T0 ))s] $*"; }
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, timm, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'timm', timm.__version__, 'triton', triton.__version__)"
-  python -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', \
-causal_conv1d.__version__)" 2>&1 | tail -1
-  date -u; } 2>&1 | tee "$OUT/device.txt"
-if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  stamp "fused-op parity"
-  python tests/scripts/fused_check.py --device cuda --cases gpu 2>&1 | tee "$OUT/fused_parity.log"
-  # the scan backward at the tiles the ssm benchmark sweeps (their lane sums compile differently per tile)
-  python tests/scripts/fused_check.py --device cuda --tiles 32,8,1 64,8,2 32,4,1 64,4,1 32,16,1 2>&1 \
-    | tee "$OUT/fused_tiles.log"
-  stamp "gpu tests"
-  python -m pytest -q -m gpu -p no:cacheprovider -x --timeout 300 tests 2>&1 | tee "$OUT/gpu_tests.log"
-fi
-if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ssm ]; then
-  stamp "ssm benchmark"
-  python benchmarks/bench_ssm_gpu.py --out "$OUT/ssm.md" ${SSM_ARGS:---sweep} 2>&1 | tail -n 80
-fi
-if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
-  stamp "pruning grid (every preset at 40 %, ViM-S and DeiT-S, fp32/bf16, inference and training step)"
-  timeout 420 python benchmarks/bench_gpu_grid.py --device cuda --out "$OUT/grid.md" ${GRID_ARGS:-} 2>&1 | tail -n 60
-  stamp "grad checkpointing memory (ViM-S, PlainMamba-L2)"
-  timeout 120 python benchmarks/bench_grad_checkpointing.py vim_small_patch16_224:64 plainmamba_l2:64 2>&1 \
-    | tee "$OUT/grad_ckpt.log" | tail -n 20
-  stamp "vlm prefill (LLaVA-1.5-7B shapes, bf16; needs transformers 5.23.0 among the carried wheels)"
-  for m in visionzip cls_attn; do
-    timeout 300 python benchmarks/bench_vlm.py --device cuda --real-shapes --method $m --record "$OUT/vlm.md" 2>&1 \
-      | tail -n 20
+LOG="$OUT/suite.log"
+say() { echo "[suite $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+
+if [ "${SUITE_DRY_RUN:-0}" = 1 ]; then
+  end=0
+  for s in "${ORDER[@]}"; do
+    [[ "$WANT" == *" $s "* ]] || continue
+    end=$(( end + CAP[$s] ))
+    echo "$s cap ${CAP[$s]} planned_end $(( end < BUDGET ? end : BUDGET ))"
   done
+  echo "budget $BUDGET"
+  exit 0
 fi
-stamp "done"
+
+# --- environment: the project from src/, carried wheels where the image lacks them
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import fvcore, webdataset, transformers as t; \
+assert t.__version__ == '5.23.0'" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tail -3 | tee -a "$LOG"
+  export PYTHONPATH=$PWD/src:/tmp/site:$PYTHONPATH
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'timm', timm.__version__, 'triton', triton.__version__)"
+  python3 -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', \
+causal_conv1d.__version__)" 2>&1 | tail -1
+  python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+  git log -1 --format='commit %h %cd' 2>/dev/null; date -u; } 2>&1 | tee "$OUT/device.txt"
+
+stage_cmd() {  # the command of a stage, its output appended to one of at most 8 files under OUT
+  case "$1" in
+    parity) echo "python3 tests/scripts/fused_check.py --device cuda --cases gpu >>$OUT/parity.log" ;;
+    tests) echo "python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rs tests >>$OUT/gpu_tests.log" ;;
+    ssm) echo "python3 benchmarks/bench_ssm_gpu.py --out $OUT/ssm.md ${SSM_ARGS:-} >>$LOG" ;;
+    grid) echo "python3 benchmarks/bench_gpu_grid.py --device cuda --out $OUT/grid.md ${GRID_ARGS:-} >>$OUT/grid.log" ;;
+    vlm) echo "python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method visionzip --record $OUT/vlm.md >>$LOG" ;;
+    tiles) echo "python3 tests/scripts/fused_check.py --device cuda --tiles 32,8,1 64,8,2 32,4,1 64,4,1 32,16,1 \
+>>$OUT/parity.log" ;;
+    sweep) echo "python3 benchmarks/bench_ssm_gpu.py --out $OUT/ssm.md --sections sweep >>$LOG" ;;
+    ckpt) echo "python3 benchmarks/bench_grad_checkpointing.py vim_small_patch16_224:64 plainmamba_l2:64 >>$LOG" ;;
+    vlm2) echo "python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method cls_attn --record $OUT/vlm.md >>$LOG" ;;
+  esac
+}
+
+planned=0
+left_out=()
+for s in "${ORDER[@]}"; do
+  [[ "$WANT" == *" $s "* ]] || continue
+  planned=$(( planned + CAP[$s] ))
+  now=$(( $(date +%s) - T0 ))
+  end=$(( planned < BUDGET ? planned : BUDGET ))
+  if [ $(( end - now )) -lt 20 ]; then left_out+=("$s"); continue; fi
+  cmd=$(stage_cmd "$s")
+  say "stage $s (until ${end}s): ${cmd%% >>*}"
+  timeout -k 5 $(( end - now )) bash -c "$cmd 2>&1"
+  rc=$?
+  [ $rc = 124 ] || [ $rc = 137 ] && say "stage $s cut off at its planned end (its output so far is kept)"
+  say "stage $s rc=$rc"
+done
+if [ ${#left_out[@]} -gt 0 ]; then
+  joined=$(IFS=,; echo "${left_out[*]}")
+  say "not started for lack of time: $joined; run them with: bash benchmarks/gpu_suite.sh OUT2 $joined"
+fi
+say "done"

@@ -150,13 +150,15 @@ def innermost_loop_instructions(kernel) -> int:
 
 # ---- the launchers, on CPU tensors of ViM-S's shapes ------------------------------------------------------
 
-def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False, idx=False):
+def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False, idx=False, bc_dtype=torch.float32):
+    # B and C in fp32 whatever u's dtype: fused_selective_scan converts them before the kernels (_fp32_rows)
     g = torch.Generator().manual_seed(0)
 
     def r(*s, dt=dtype):
         return torch.randn(*s, generator=g).to(dt)
     return dict(u=r(ndir, b, E, L), dt=r(ndir, b, E, L), A0=r(E, N, dt=torch.float32),
-                A1=r(E, N, dt=torch.float32) if ndir == 2 else None, B=r(ndir, b, N, L), C=r(ndir, b, N, L),
+                A1=r(E, N, dt=torch.float32) if ndir == 2 else None, B=r(ndir, b, N, L, dt=bc_dtype),
+                C=r(ndir, b, N, L, dt=bc_dtype),
                 D0=r(E, dt=torch.float32), D1=r(E, dt=torch.float32) if ndir == 2 else None, z=r(b, E, L),
                 bias0=r(E, dt=torch.float32), bias1=r(E, dt=torch.float32) if ndir == 2 else None,
                 gap=r(ndir, b, L).abs() if gap else None,
@@ -164,9 +166,9 @@ def _scan_inputs(dtype, ndir=2, b=2, E=768, L=197, N=16, gap=False, idx=False):
                 if idx else None)
 
 
-def launch_scan_fwd(dtype=torch.float32, ndir=2, gap=False, save=True, idx=False):
+def launch_scan_fwd(dtype=torch.float32, ndir=2, gap=False, save=True, idx=False, bc_dtype=torch.float32):
     from tokenprune.ssm import fused_ops
-    a = _scan_inputs(dtype, ndir, gap=gap, idx=idx)
+    a = _scan_inputs(dtype, ndir, gap=gap, idx=idx, bc_dtype=bc_dtype)
     fused_ops.scan_fwd(*a.values(), True, True, save, 1.0 / ndir, dtype)
 
 
@@ -205,11 +207,14 @@ CASES: Dict[str, Callable[[], None]] = {
     "scan_infer": lambda: launch_scan_fwd(save=False),  # inference: no states saved
     "scan_infer_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True, save=False),
     "scan_infer_bf16": lambda: launch_scan_fwd(torch.bfloat16, save=False),
+    # B and C in bf16 too, as the kernels took them before fused_selective_scan converted them (for comparison)
+    "scan_infer_bf16bc": lambda: launch_scan_fwd(torch.bfloat16, save=False, bc_dtype=torch.bfloat16),
     "scan_fwd_gap": lambda: launch_scan_fwd(gap=True),
     "scan_fwd_bf16": lambda: launch_scan_fwd(torch.bfloat16),
     "scan_fwd_4idx": lambda: launch_scan_fwd(ndir=4, gap=True, idx=True),  # PlainMamba: 4 orders by index
     "scan_bwd": lambda: launch_scan_bwd(),
     "scan_bwd_gap": lambda: launch_scan_bwd(gap=True),
+    "scan_bwd_bf16": lambda: launch_scan_bwd(torch.bfloat16),
     "scan_bwd_4idx": lambda: launch_scan_bwd(ndir=4, gap=True, idx=True),
     "conv_fwd": lambda: launch_conv(),
     "conv_bwd": lambda: launch_conv(backward=True),

@@ -12,6 +12,12 @@ OUT=$(realpath -m "${1:?usage: build_mamba_wheels.sh OUTDIR [PYTHON] [TORCH_VERS
 PY=${2:-python3.12}
 TORCH=${3:-2.11.0}
 SM=${4:-90}
+# torch's extension builder takes CUDA_HOME from the nvcc on PATH, which may be a wrapper script outside the
+# toolkit (/usr/local/bin/nvcc here: the build then finds no cuda_runtime_api.h); point it at the toolkit
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do [ -f "$d/include/cuda_runtime_api.h" ] && { export CUDA_HOME=$d; break; }; done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}"
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 "$PY" -m venv "$WORK/venv"

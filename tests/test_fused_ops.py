@@ -115,6 +115,40 @@ def test_vim_forward_runs_on_meta_through_the_fake_implementations():
     assert out.shape == (2, model.num_classes) and out.device.type == "meta"
 
 
+def test_b_and_c_reach_the_scan_kernels_in_float32():
+    """Half-precision B and C are converted once before the kernels (each lane would convert every (step, state):
+    2 of 10 SASS instructions per (token, channel, state) of the bf16 forward on sm_90), exactly, as a
+    differentiable cast whose gradient comes back in the input's dtype; stride-0 expansions stay expansions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from tokenprune.ssm.fused_ops import _fp32_rows
+
+    b = torch.randn(2, 3, 4, 5).to(torch.bfloat16).requires_grad_()
+    out = _fp32_rows(b)
+    assert out.dtype == torch.float32 and torch.equal(out, b.float())
+    out.sum().backward()
+    assert b.grad.dtype == torch.bfloat16 and torch.equal(b.grad, torch.ones_like(b))
+    shared = torch.randn(3, 4, 5).to(torch.bfloat16).unsqueeze(0).expand(4, 3, 4, 5)
+    assert _fp32_rows(shared).stride(0) == 0 and torch.equal(_fp32_rows(shared), shared.float())
+    f32 = torch.randn(2, 3, 4, 5)
+    assert _fp32_rows(f32) is f32
+
+    class ScanDtypes(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scan_fwd" in str(func):
+                self.seen.append(tuple(a.dtype for a in args[:6:] if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+    for name, x in (("vim_micro_patch8_56", torch.empty(2, 3, 56, 56)), ("plainmamba_test_32", torch.empty(2, 3, 32, 32))):
+        model = timm.create_model(name).to("meta", torch.bfloat16).eval()
+        with torch.no_grad(), ScanDtypes() as mode:
+            model(x.to("meta", torch.bfloat16))
+        # u, dt in bf16, A0/A1 fp32 parameters, B and C in fp32
+        assert mode.seen and all(d[:2] == (torch.bfloat16,) * 2 and d[-2:] == (torch.float32,) * 2
+                                 for d in mode.seen), (name, mode.seen)
+        mode.seen.clear()
+
+
 def test_add_rms_norm_fake_shapes_and_dtypes_on_meta():
     h = torch.empty(2, 5, 24, device="meta", dtype=torch.bfloat16)
     y, r = add_rms_norm(h, torch.empty(2, 5, 24, device="meta"), torch.empty(24, device="meta"),
