@@ -18,7 +18,8 @@
 #   sweep   scan tile sweep (bench_ssm_gpu.py --sections sweep)
 #   ckpt    gradient-checkpointing memory (ViM-S, PlainMamba-L2)
 #   vlm2    the prefill benchmark with the CLS-attention reducer
-# Wheels the image lacks (scripts/prepare_gpu_wheels.sh fills .whl/) are installed into /tmp/site first.
+# Wheels the image lacks (scripts/prepare_gpu_wheels.sh fills .whl/) are installed into /tmp/site first, and
+# the parity stage's kernels, prebuilt for this Triton, are unpacked into the Triton cache.
 # SUITE_DRY_RUN=1 prints the plan (stage, cap, planned end) and runs nothing.
 set -uo pipefail
 OUT=${1:-benchmarks/gpu_out}
@@ -60,12 +61,24 @@ assert t.__version__ == '5.23.0'" 2>/dev/null; then
     2>&1 | tail -3 | tee -a "$LOG"
   export PYTHONPATH=$PWD/src:/tmp/site:$PYTHONPATH
 fi
+# kernels prebuilt for sm_90 on a CPU machine with this Triton (benchmarks/prewarm_triton_cache.py): a lease
+# does not spend minutes compiling the parity stage's kernels; a kernel whose key differs is compiled as usual
+TV=$(python3 -c "import triton; print(triton.__version__)" 2>/dev/null)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f ".whl/triton_cache-$TV.tar.xz" ]; then
+  mkdir -p /tmp/tp_triton && tar xJf ".whl/triton_cache-$TV.tar.xz" -C /tmp/tp_triton \
+    && export TRITON_CACHE_DIR=/tmp/tp_triton/triton_cache
+fi
+kernels() { ls "$TRITON_CACHE_DIR" 2>/dev/null | wc -l; }
+say "Triton $TV, cache $TRITON_CACHE_DIR with $(kernels) kernels"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'timm', timm.__version__, 'triton', triton.__version__)"
   python3 -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', \
 causal_conv1d.__version__)" 2>&1 | tail -1
   python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+  python3 -c "from tokenprune.ssm import _scan_kernels as k; print('scan tiles transposed (Triton < 3.7)', \
+k.TRANSPOSED.value)" 2>&1 | tail -1
   git log -1 --format='commit %h %cd' 2>/dev/null; date -u; } 2>&1 | tee "$OUT/device.txt"
 
 stage_cmd() {  # the command of a stage, its output appended to one of at most 8 files under OUT
@@ -96,7 +109,7 @@ for s in "${ORDER[@]}"; do
   timeout -k 5 $(( end - now )) bash -c "$cmd 2>&1"
   rc=$?
   [ $rc = 124 ] || [ $rc = 137 ] && say "stage $s cut off at its planned end (its output so far is kept)"
-  say "stage $s rc=$rc"
+  say "stage $s rc=$rc (Triton cache: $(kernels) kernels)"
 done
 if [ ${#left_out[@]} -gt 0 ]; then
   joined=$(IFS=,; echo "${left_out[*]}")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Fill the git-ignored .whl/ with every wheel the GPU suite needs that the device image lacks, on this (CPU)
 # machine, so that a short GPU lease starts measuring at once (the device machine reaches no registry):
-#   bash scripts/prepare_gpu_wheels.sh [--no-mamba]
+#   bash scripts/prepare_gpu_wheels.sh [--no-mamba]      (DEVICE_TORCH=2.11.0: the device image's torch)
 # The device image (Python 3.12, torch 2.11.0+cu130) has torch, Triton, timm, lightning, numba, tokenizers and
 # huggingface-hub, but not fvcore and its helpers, webdataset, jsonargparse's signature extras, nor transformers
 # 5.23.0 (it has 5.17). mamba-ssm and causal-conv1d are built from their sdists for sm_90 against torch 2.11.0
 # (scripts/build_mamba_wheels.sh, about 50 minutes on 2 cores); --no-mamba skips them, and the suite then
-# leaves out the side-by-side tables. benchmarks/gpu_suite.sh installs whatever lies in .whl/ by itself.
+# leaves out the side-by-side tables. It also prebuilds the suite's kernel-parity kernels for sm_90 with the
+# device's torch and Triton in a Python 3.12 venv (benchmarks/prewarm_triton_cache.py, a few minutes).
+# benchmarks/gpu_suite.sh installs whatever lies in .whl/ by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA=1
@@ -38,6 +40,18 @@ if [ "$MAMBA" = 1 ] && ! ls "$DEST"/mamba_ssm-*.whl >/dev/null 2>&1; then
   "$PY312" -V >/dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
   [ -n "$PY312" ] || { echo "no Python 3.12 here to build mamba-ssm for the device's Python 3.12"; exit 1; }
   bash scripts/build_mamba_wheels.sh "$DEST" "$PY312" 2.11.0 90
+fi
+# Triton finds a cached kernel by a key that hashes its own libtriton, which differs per Python version: the
+# kernels are built in a Python 3.12 venv with the device's torch, whose Triton is the device's (3.6.0)
+DEVICE_TORCH=${DEVICE_TORCH:-2.11.0}
+if ! ls "$DEST"/triton_cache-*.tar.xz >/dev/null 2>&1; then
+  PY312=python3.12
+  "$PY312" -V >/dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+  TDIR=$(mktemp -d)
+  "$PY312" -m venv "$TDIR/venv"
+  "$TDIR/venv/bin/python" -m pip install -q "torch==$DEVICE_TORCH" numpy timm==1.0.31
+  PYTHONPATH="$PWD/src" "$TDIR/venv/bin/python" benchmarks/prewarm_triton_cache.py "$DEST"
+  rm -rf "$TDIR"
 fi
 ls -l "$DEST"
 TOTAL=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb "$DEST" | tail -1 | cut -f1) ))

@@ -23,8 +23,8 @@ pytest.importorskip("triton")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _run(script, *args, interpret=True):
-    env = {**os.environ, "TOKENPRUNE_SCAN": ""}
+def _run(script, *args, interpret=True, **extra_env):
+    env = {**os.environ, "TOKENPRUNE_SCAN": "", **extra_env}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *args], capture_output=True, text=True,
@@ -47,6 +47,31 @@ def test_interpreted_scan_backward_is_right_at_other_tiles():
     out = _run("fused_check.py", "--tiles", "64,4,2", "128,32,4")
     assert out.strip().splitlines()[-1] == "all tile checks passed", out
     assert out.count("scan at tile") == 4, out
+
+
+@pytest.mark.slow
+def test_interpreted_scan_is_right_with_transposed_tiles():
+    # the (BE, T) loads and stores that Triton < 3.7 gets (see _transposed_tiles), forced on this Triton
+    out = _run("fused_check.py", "--tiles", "32,8,1", TOKENPRUNE_SCAN_TRANSPOSED_TILES="1")
+    assert out.strip().splitlines()[-1] == "all tile checks passed", out
+    assert out.count("scan at tile") == 2, out
+
+
+def test_transposed_tiles_follow_the_triton_version(monkeypatch):
+    """Triton's coalescing breaks a contiguity tie with the lanes along the first dimension before 3.7 and along
+    the last from 3.7 (seen in the sm_90 builds of 3.5.1, 3.6.0, 3.7.1 and 3.8.0): the tiles are transposed
+    exactly where needed, and the override is checked."""
+    from tokenprune.ssm import _scan_kernels as k
+    monkeypatch.delenv("TOKENPRUNE_SCAN_TRANSPOSED_TILES", raising=False)
+    for version, transposed in (("3.5.1", True), ("3.6.0", True), ("3.7.1", False), ("3.8.0", False),
+                                ("4.0.0", False)):
+        monkeypatch.setattr(k.triton, "__version__", version)
+        assert k._transposed_tiles() is transposed, version
+    monkeypatch.setenv("TOKENPRUNE_SCAN_TRANSPOSED_TILES", "1")
+    assert k._transposed_tiles() is True
+    monkeypatch.setenv("TOKENPRUNE_SCAN_TRANSPOSED_TILES", "yes")
+    with pytest.raises(ValueError, match="TOKENPRUNE_SCAN_TRANSPOSED_TILES='yes'; expected 0 or 1"):
+        k._transposed_tiles()
 
 
 @pytest.mark.slow

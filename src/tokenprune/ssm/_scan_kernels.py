@@ -8,6 +8,64 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
+
+def _transposed_tiles() -> bool:
+    """Whether the (T, BE) tiles are loaded and stored as (BE, T) and transposed in registers (free: a permuted
+    layout). Triton's coalescing pass orders a tile's dimensions by provable contiguity, and these tiles have
+    none in either (the steps are made opaque, the channels are strided); on a tie Triton 3.6 and older put the
+    lanes along the first dimension, 3.8 along the last. The scans need the lanes along the channels and the
+    steps in registers: with the other order every associative scan and row pick became lane shuffles (sm_90
+    SASS of the forward's loop: 42 instructions per (token, channel, state) and spills under Triton 3.6.0, 8
+    under 3.8.0). TOKENPRUNE_SCAN_TRANSPOSED_TILES=0/1 overrides (tests run both paths)."""
+    import os
+    forced = os.environ.get("TOKENPRUNE_SCAN_TRANSPOSED_TILES", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"TOKENPRUNE_SCAN_TRANSPOSED_TILES={forced!r}; expected 0 or 1")
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) < LANES_LAST_ON_TIES
+
+
+LANES_LAST_ON_TIES = (3, 7)  # the first Triton version whose coalescing puts the lanes along the last dimension
+TRANSPOSED = tl.constexpr(_transposed_tiles())
+
+
+@triton.jit
+def _tile_ptr(base, e, se, pos):
+    # addresses of a (T, BE) tile, steps `pos` down and channels e (stride se) across; built as (BE, T) when
+    # TRANSPOSED, so that the load's coalesced layout has the lanes along the channels (see _transposed_tiles)
+    if TRANSPOSED:
+        return base + e[:, None] * se + pos[None, :]
+    else:
+        return base + e[None, :] * se + pos[:, None]
+
+
+@triton.jit
+def _tile_mask(mt, me):
+    # the memory mask of _tile_ptr's tile: steps mt, channels me
+    if TRANSPOSED:
+        return me[:, None] & mt[None, :]
+    else:
+        return mt[:, None] & me[None, :]
+
+
+@triton.jit
+def _tile_load(ptr, mask):
+    # a _tile_ptr tile as a (T, BE) fp32 tensor
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if TRANSPOSED:
+        x = tl.trans(x)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _tile_store(ptr, x, mask):
+    # a (T, BE) tensor into a _tile_ptr tile
+    if TRANSPOSED:
+        x = tl.trans(x)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
 # Kernels are defined on first use so that importing this module never needs triton.
 
 @triton.jit
@@ -56,9 +114,13 @@ def _softplus(x):
 
 
 @triton.jit
-def _delta(ptr, mask, d_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    # Δ of a (T, BE) or (1, BE) tile: the raw input plus the channel bias, through softplus
-    d = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+def _delta(ptr, mask, d_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TILE: tl.constexpr):
+    # Δ of a (T, BE) tile (TILE: _tile_ptr addresses) or a (BE,) row: the raw input plus the channel bias,
+    # through softplus
+    if TILE:
+        d = _tile_load(ptr, mask)
+    else:
+        d = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         d += d_bias[None, :]
     if SOFTPLUS:
@@ -127,8 +189,9 @@ def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, d
         pu = pu * one
     else:
         pu = ph
-    u_t = tl.load(u + pid_b * su_b + e[None, :] * su_e + pu[:, None], mask=m2, other=0.0).to(tl.float32)
-    d_t = tl.load(dt + pid_b * sd_b + e[None, :] * sd_e + ph[:, None], mask=m2, other=0.0).to(tl.float32)
+    mld = _tile_mask(mt, me)
+    u_t = _tile_load(_tile_ptr(u + pid_b * su_b, e, su_e, pu), mld)
+    d_t = _tile_load(_tile_ptr(dt + pid_b * sd_b, e, sd_e, ph), mld)
     if HAS_BIAS:
         d_t += d_bias[None, :]
     if SOFTPLUS:
@@ -162,15 +225,15 @@ def _lane_chunk(c, p0, k, L, hrow, hsave, NCHUNK, pid_b, e, me, u, su_b, su_e, d
                          _pick_row(h, j * TS - 1), mask=me & (sub < NCHUNK))
         acc += h * c_n[:, None]
         tl.store(hrow + e * N + n, _pick_row(h, T - 1), mask=me)
-    yp = y + pid_b * sy_b + e[None, :] * sy_e + pu[:, None]
+    yp = _tile_ptr(y + pid_b * sy_b, e, sy_e, pu)
     if ACCUM:
-        acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
+        acc += _tile_load(yp, mld)
     if FINAL:
         acc = acc * SCALE
         if HAS_Z:
-            z_t = tl.load(z + pid_b * sz_b + e[None, :] * sz_e + pu[:, None], mask=m2, other=0.0).to(tl.float32)
+            z_t = _tile_load(_tile_ptr(z + pid_b * sz_b, e, sz_e, pu), mld)
             acc = acc * z_t / (1.0 + tl.exp(-z_t))
-    tl.store(yp, acc.to(y.dtype.element_ty), mask=m2)
+    _tile_store(yp, acc, mld)
 
 
 @triton.jit
@@ -328,17 +391,18 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         pu = ph
     # the tiles needed after the loop over states (u, Δ, z, gout) are loaded again there rather than held
     # across it: registers, not loads, limit the tile
-    u_ptr = u + pid_b * su_b + e[None, :] * su_e + pu[:, None]
-    dt_ptr = dt + pid_b * sd_b + e[None, :] * sd_e
-    go_ptr = gout + pid_b * sgo_b + e[None, :] * sgo_e + pu[:, None]
-    z_ptr = z + pid_b * sz_b + e[None, :] * sz_e + pu[:, None]
-    u_t = tl.load(u_ptr, mask=m2, other=0.0).to(tl.float32)
-    d_t = _delta(dt_ptr + ph[:, None], m2, d_bias, HAS_BIAS, SOFTPLUS)
+    mld = _tile_mask(mt, me)
+    u_ptr = _tile_ptr(u + pid_b * su_b, e, su_e, pu)
+    dt_ptr = _tile_ptr(dt + pid_b * sd_b, e, sd_e, ph)
+    go_ptr = _tile_ptr(gout + pid_b * sgo_b, e, sgo_e, pu)
+    z_ptr = _tile_ptr(z + pid_b * sz_b, e, sz_e, pu)
+    u_t = _tile_load(u_ptr, mld)
+    d_t = _delta(dt_ptr, mld, d_bias, HAS_BIAS, SOFTPLUS, True)
     if MASKED:
         d_t = tl.where(m2, d_t, 0.0)
     # (1, BE) Δ of the step after the chunk: a_{t+1} of the chunk's last step (the others are its decays shifted)
     d_l = _delta(dt + pid_b * sd_b + e * sd_e + (p0 + kn * T), me & ((c + 1) * T < L), d_bias, HAS_BIAS,
-                 SOFTPLUS)
+                 SOFTPLUS, False)
     dtu = d_t * u_t
     if HAS_GAP:
         s_t = tl.load(gap + (pid_b * sg_b + p0) + k, mask=mt, other=1.0).to(tl.float32)
@@ -347,9 +411,9 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         d_l = d_l * s_l
     else:
         dts = d_t
-    gy = tl.load(go_ptr, mask=m2, other=0.0).to(tl.float32) * SCALE
+    gy = _tile_load(go_ptr, mld) * SCALE
     if HAS_Z:
-        z_t = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
+        z_t = _tile_load(z_ptr, mld)
         gy = gy * z_t / (1.0 + tl.exp(-z_t))
     y_acc = tl.zeros(dtu.shape, dtype=tl.float32)  # the scan's output, for dz
     if HAS_D:
@@ -392,8 +456,8 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         # B and C are shared by the channels: this program's partial sums
         tl.store(dBp + part + n * L + pt, _lane_row_sums(dh * dtu, lane, T, BE), mask=mst)
         tl.store(dCp + part + n * L + pt, _lane_row_sums(gy * h, lane, T, BE), mask=mst)
-    u_t = tl.load(u_ptr, mask=m2, other=0.0).to(tl.float32)
-    r_t = tl.load(dt_ptr + ph[:, None], mask=m2, other=0.0).to(tl.float32)
+    u_t = _tile_load(u_ptr, mld)
+    r_t = _tile_load(dt_ptr, mld)
     if HAS_BIAS:
         r_t += d_bias[None, :]
     if SOFTPLUS:
@@ -411,17 +475,18 @@ def _lane_bwd_chunk(c, p0, k, kn, L, pid_b, e, me, one, SCALE, u, su_b, su_e, dt
         g_ddt = tl.where(m2, g_ddt, 0.0)
     if HAS_BIAS:
         dbias += tl.sum(g_ddt, axis=0)
-    row = (pid_b * E + e[None, :]) * L
-    tl.store(du + row + pu[:, None], g_du, mask=m2)
-    tl.store(ddt + row + ph[:, None], g_ddt, mask=m2)
+    row = pid_b * E * L
+    _tile_store(_tile_ptr(du + row, e, L, pu), g_du, mld)
+    _tile_store(_tile_ptr(ddt + row, e, L, ph), g_ddt, mld)
     if HAS_Z:
-        go = tl.load(go_ptr, mask=m2, other=0.0).to(tl.float32)
-        z_t = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
+        go = _tile_load(go_ptr, mld)
+        z_t = _tile_load(z_ptr, mld)
         sig_z = 1.0 / (1.0 + tl.exp(-z_t))
         gz = go * SCALE * y_acc * sig_z * (1.0 + z_t * (1.0 - sig_z))
+        dz_ptr = _tile_ptr(dz + row, e, L, pu)
         if ACCUM_DZ:
-            gz += tl.load(dz + row + pu[:, None], mask=m2, other=0.0)
-        tl.store(dz + row + pu[:, None], gz, mask=m2)
+            gz += _tile_load(dz_ptr, mld)
+        _tile_store(dz_ptr, gz, mld)
     return dD, dbias
 
 
