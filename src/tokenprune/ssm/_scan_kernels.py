@@ -115,8 +115,8 @@ def _softplus(x):
 
 @triton.jit
 def _delta(ptr, mask, d_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TILE: tl.constexpr):
-    # Δ of a (T, BE) tile (TILE: _tile_ptr addresses) or a (BE,) row: the raw input plus the channel bias,
-    # through softplus
+    # Δ of a (T, BE) tile (TILE: _tile_ptr addresses and mask) or of one step's (BE,) row, as (1, BE): the raw
+    # input plus the channel bias, through softplus
     if TILE:
         d = _tile_load(ptr, mask)
     else:
