@@ -19,7 +19,7 @@
 #   ckpt    gradient-checkpointing memory (ViM-S, PlainMamba-L2)
 #   vlm2    the prefill benchmark with the CLS-attention reducer
 # Wheels the image lacks (scripts/prepare_gpu_wheels.sh fills .whl/) are installed into /tmp/site first, and
-# the parity stage's kernels, prebuilt for this Triton, are unpacked into the Triton cache.
+# the kernels prebuilt for this Triton are unpacked into the Triton cache.
 # SUITE_DRY_RUN=1 prints the plan (stage, cap, planned end) and runs nothing.
 set -uo pipefail
 OUT=${1:-benchmarks/gpu_out}
@@ -62,7 +62,8 @@ assert t.__version__ == '5.23.0'" 2>/dev/null; then
   export PYTHONPATH=$PWD/src:/tmp/site:$PYTHONPATH
 fi
 # kernels prebuilt for sm_90 on a CPU machine with this Triton (benchmarks/prewarm_triton_cache.py): a lease
-# does not spend minutes compiling the parity stage's kernels; a kernel whose key differs is compiled as usual
+# does not spend minutes compiling the parity stage's and the scan tables' kernels; a kernel whose key differs
+# is compiled as usual
 TV=$(python3 -c "import triton; print(triton.__version__)" 2>/dev/null)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 if [ -f ".whl/triton_cache-$TV.tar.xz" ]; then

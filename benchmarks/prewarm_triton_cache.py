@@ -1,17 +1,18 @@
-"""Compile the kernel-parity stage's Triton kernels for sm_90 on this CPU machine, into a cache the GPU suite
-unpacks before it runs, so a short GPU lease does not spend minutes compiling (2026-12-06, 2 cores: the parity
-stage's 40 kernels took ~170 s to build with Triton 3.6.0, most of it the scan's forward and backward):
+"""Compile the GPU suite's Triton kernels for sm_90 on this CPU machine, into a cache the suite unpacks before it
+runs, so a short GPU lease does not spend minutes compiling (2026-12-06, 2 cores: the kernel-parity stage's 58
+kernels took ~220 s to build with Triton 3.6.0, most of it the scan's forward and backward):
 
     PYTHONPATH=src <python> benchmarks/prewarm_triton_cache.py .whl
 
 Run it with the Python, torch and Triton the GPU machine has (3.12, 2.11.0, 3.6.0; scripts/prepare_gpu_wheels.sh
 makes such a venv): Triton finds a cached kernel by a key of its own version and files (its libtriton differs per
 Python version), the bundled ptxas's version, the target, the kernel's source and its specialisation (dtypes,
-constexprs, which integers and pointers are divisible by 16), so the launches here are the ones the GPU makes:
-tests/scripts/fused_check.py's GPU cases and tile checks with the same shapes, on CPU tensors, each launch only
-compiled (triton_sm90.sm90_compile_only). Unpacked into a fresh cache here, they were all found again (a second
-run compiled nothing); a kernel that misses the cache is compiled as usual. Writes
-OUTDIR/triton_cache-<version>.tar.xz."""
+constexprs, which integers and pointers are divisible by 16), so the launches here are the ones the GPU makes,
+with the same shapes, on CPU tensors, each only compiled (triton_sm90.sm90_compile_only):
+tests/scripts/fused_check.py's GPU cases and tile checks, and bench_ssm_gpu.py's scan, length and tile-sweep
+tables (the model tables need real matmuls and compile on the GPU). Unpacked into a fresh cache here, the
+parity kernels were all found again (a second run compiled nothing); a kernel that misses the cache is compiled
+as usual. Writes OUTDIR/triton_cache-<version>.tar.xz."""
 from __future__ import annotations
 
 import contextlib
@@ -44,6 +45,18 @@ def main() -> None:
             # nothing runs, so the script's comparisons fail: only its launches matter here
             with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
                 fused_check.main()
+        # the SSM benchmark's scan tables at their real shapes (ViM-S, batch 128 and 64, the tile sweep): each
+        # timed callable called once; the model tables need real matmuls and are left to the GPU
+        import bench_ssm_gpu as ssm  # noqa: E402
+
+        def call_once(fns, **_):
+            for fn in fns.values():
+                with contextlib.suppress(RuntimeError):  # the public op refuses CPU tensors without the interpreter
+                    fn()
+            return dict.fromkeys(fns, 1.0)
+        ssm.DEV, ssm.bench, ssm.copy_time = "cpu", call_once, lambda nbytes: 1.0
+        for section in (ssm.section_scan, ssm.section_length, ssm.section_sweep):
+            section([])
     kernels = sorted(os.listdir(cache))
     print(f"{len(compiled)} launches, {len(kernels)} kernels compiled for sm_90 with Triton {triton.__version__} "
           f"in {time.time() - t0:.0f} s", flush=True)
