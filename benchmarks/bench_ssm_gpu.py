@@ -161,6 +161,12 @@ def section_scan(lines):
                      f"{t['mamba-ssm'] * 1e3:.3f} ms, ratio mamba/ours {t['mamba-ssm'] / t['ours']:.2f}\n")
 
 
+# the backward tiles the sweep times: the shipped tile first, then others that spill nothing on sm_90
+# (triton_sm90.py: more warps, shorter chunks, two channels per thread), then one that spills a little but has
+# longer chunks (gpu_suite.sh's tiles stage checks the same ones)
+SWEEP_BWD_TILES = ("32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1")
+
+
 def section_sweep(lines):
     """Both scan kernels at other tiles (TOKENPRUNE_SCAN_FWD_TILE / TOKENPRUNE_SCAN_TILE), ViM-S shape, bf16."""
     (b, E, L), N = size(128, 768, 197), 16
@@ -181,9 +187,7 @@ def section_sweep(lines):
         os.environ.pop("TOKENPRUNE_SCAN_FWD_TILE")
     lines.append(table(irows, ["forward T,warps", "fwd ms"]) + "\n")
     srows = []  # training: the backward's tile (its T is also the chunk of the states the forward saves)
-    # the shipped tile first, then others that spill nothing on sm_90 (triton_sm90.py: more warps, shorter
-    # chunks, two channels per thread), then one that spills a little but has longer chunks
-    for tile in ("32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1"):
+    for tile in SWEEP_BWD_TILES:
         os.environ["TOKENPRUNE_SCAN_TILE"] = tile
         try:
             leaves = {k: v.clone().requires_grad_() if v is not None and v.is_floating_point() else v

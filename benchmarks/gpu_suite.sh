@@ -42,13 +42,16 @@ T0=$(date +%s)
 LOG="$OUT/suite.log"
 say() { echo "[suite $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 
-if [ "${SUITE_DRY_RUN:-0}" = 1 ]; then
-  end=0
+plan() {  # "stage cap planned_end" for each wanted stage, in priority order
+  local total=0 s
   for s in "${ORDER[@]}"; do
     [[ "$WANT" == *" $s "* ]] || continue
-    end=$(( end + CAP[$s] ))
-    echo "$s cap ${CAP[$s]} planned_end $(( end < BUDGET ? end : BUDGET ))"
+    total=$(( total + CAP[$s] ))
+    echo "$s ${CAP[$s]} $(( total < BUDGET ? total : BUDGET ))"
   done
+}
+if [ "${SUITE_DRY_RUN:-0}" = 1 ]; then
+  plan | while read -r s cap end; do echo "$s cap $cap planned_end $end"; done
   echo "budget $BUDGET"
   exit 0
 fi
@@ -90,20 +93,16 @@ stage_cmd() {  # the command of a stage, its output appended to one of at most 8
     grid) echo "python3 benchmarks/bench_gpu_grid.py --device cuda --out $OUT/grid.md ${GRID_ARGS:-} >>$OUT/grid.log" ;;
     vlm) echo "python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method visionzip --record $OUT/vlm.md >>$LOG" ;;
     tiles) echo "python3 tests/scripts/fused_check.py --device cuda --tiles 32,8,1 64,8,2 32,4,1 64,4,1 32,16,1 \
->>$OUT/parity.log" ;;
+>>$OUT/parity.log" ;;  # bench_ssm_gpu.SWEEP_BWD_TILES
     sweep) echo "python3 benchmarks/bench_ssm_gpu.py --out $OUT/ssm.md --sections sweep >>$LOG" ;;
     ckpt) echo "python3 benchmarks/bench_grad_checkpointing.py vim_small_patch16_224:64 plainmamba_l2:64 >>$LOG" ;;
     vlm2) echo "python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method cls_attn --record $OUT/vlm.md >>$LOG" ;;
   esac
 }
 
-planned=0
 left_out=()
-for s in "${ORDER[@]}"; do
-  [[ "$WANT" == *" $s "* ]] || continue
-  planned=$(( planned + CAP[$s] ))
+while read -r s _ end <&3; do  # the plan on fd 3: the stages' commands keep stdin
   now=$(( $(date +%s) - T0 ))
-  end=$(( planned < BUDGET ? planned : BUDGET ))
   if [ $(( end - now )) -lt 20 ]; then left_out+=("$s"); continue; fi
   cmd=$(stage_cmd "$s")
   say "stage $s (until ${end}s): ${cmd%% >>*}"
@@ -111,7 +110,7 @@ for s in "${ORDER[@]}"; do
   rc=$?
   [ $rc = 124 ] || [ $rc = 137 ] && say "stage $s cut off at its planned end (its output so far is kept)"
   say "stage $s rc=$rc (Triton cache: $(kernels) kernels)"
-done
+done 3< <(plan)
 if [ ${#left_out[@]} -gt 0 ]; then
   joined=$(IFS=,; echo "${left_out[*]}")
   say "not started for lack of time: $joined; run them with: bash benchmarks/gpu_suite.sh OUT2 $joined"

@@ -34,11 +34,11 @@ def main() -> None:
     os.environ["TRITON_CACHE_DIR"] = cache  # read by Triton when it first needs the cache
     import triton
 
+    import bench_ssm_gpu as ssm  # noqa: E402
     import fused_check  # noqa: E402  (tests/scripts)
     import triton_sm90  # noqa: E402
     t0 = time.time()
-    runs = [["--device", "cpu", "--cases", "gpu"],
-            ["--device", "cpu", "--tiles", "32,8,1", "64,8,2", "32,4,1", "64,4,1", "32,16,1"]]
+    runs = [["--device", "cpu", "--cases", "gpu"], ["--device", "cpu", "--tiles", *ssm.SWEEP_BWD_TILES]]
     with triton_sm90.sm90_compile_only() as compiled:
         for args in runs:
             sys.argv = ["fused_check.py", *args]
@@ -47,8 +47,6 @@ def main() -> None:
                 fused_check.main()
         # the SSM benchmark's scan tables at their real shapes (ViM-S, batch 128 and 64, the tile sweep): each
         # timed callable called once; the model tables need real matmuls and are left to the GPU
-        import bench_ssm_gpu as ssm  # noqa: E402
-
         def call_once(fns, **_):
             for fn in fns.values():
                 with contextlib.suppress(RuntimeError):  # the public op refuses CPU tensors without the interpreter
@@ -57,8 +55,7 @@ def main() -> None:
         ssm.DEV, ssm.bench, ssm.copy_time = "cpu", call_once, lambda nbytes: 1.0
         for section in (ssm.section_scan, ssm.section_length, ssm.section_sweep):
             section([])
-    kernels = sorted(os.listdir(cache))
-    print(f"{len(compiled)} launches, {len(kernels)} kernels compiled for sm_90 with Triton {triton.__version__} "
+    print(f"{len(compiled)} launches, {len(os.listdir(cache))} kernels compiled for sm_90 with Triton {triton.__version__} "
           f"in {time.time() - t0:.0f} s", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"triton_cache-{triton.__version__}.tar.xz")

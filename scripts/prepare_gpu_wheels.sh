@@ -14,6 +14,11 @@ cd "$(dirname "$0")/.."
 MAMBA=1
 [ "${1:-}" = "--no-mamba" ] && MAMBA=0
 DEST=.whl
+DEVICE_TORCH=${DEVICE_TORCH:-2.11.0}
+# the device's Python: a pyenv-managed 3.12 is not on PATH unless pyenv selects it
+PY312=python3.12
+"$PY312" -V >/dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+[ -n "$PY312" ] || { echo "no Python 3.12 here: the device's mamba-ssm and Triton cache are built with it"; exit 1; }
 mkdir -p "$DEST"
 grep -qx '/.whl/' .gitignore || echo '/.whl/' >>.git/info/exclude
 # One version of each: two versions of a package in .whl stop the device's install.
@@ -35,18 +40,11 @@ for spec in $BINARY; do
     -d "$DEST" "$spec"
 done
 if [ "$MAMBA" = 1 ] && ! ls "$DEST"/mamba_ssm-*.whl >/dev/null 2>&1; then
-  # the device's Python: a pyenv-managed 3.12 is not on PATH unless pyenv selects it
-  PY312=python3.12
-  "$PY312" -V >/dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
-  [ -n "$PY312" ] || { echo "no Python 3.12 here to build mamba-ssm for the device's Python 3.12"; exit 1; }
-  bash scripts/build_mamba_wheels.sh "$DEST" "$PY312" 2.11.0 90
+  bash scripts/build_mamba_wheels.sh "$DEST" "$PY312" "$DEVICE_TORCH" 90
 fi
 # Triton finds a cached kernel by a key that hashes its own libtriton, which differs per Python version: the
 # kernels are built in a Python 3.12 venv with the device's torch, whose Triton is the device's (3.6.0)
-DEVICE_TORCH=${DEVICE_TORCH:-2.11.0}
 if ! ls "$DEST"/triton_cache-*.tar.xz >/dev/null 2>&1; then
-  PY312=python3.12
-  "$PY312" -V >/dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
   TDIR=$(mktemp -d)
   "$PY312" -m venv "$TDIR/venv"
   "$TDIR/venv/bin/python" -m pip install -q "torch==$DEVICE_TORCH" numpy timm==1.0.31

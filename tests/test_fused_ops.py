@@ -157,21 +157,22 @@ def test_b_and_c_reach_the_scan_kernels_in_float32():
     f32 = torch.randn(2, 3, 4, 5)
     assert _fp32_rows(f32) is f32
 
-    class ScanDtypes(TorchDispatchMode):
-        seen = []
+    class ScanDtypes(TorchDispatchMode):  # the dtypes of (u, dt, A0, A1, B, C) at every scan kernel call
+        def __init__(self):
+            super().__init__()
+            self.seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if "scan_fwd" in str(func):
-                self.seen.append(tuple(a.dtype for a in args[:6:] if isinstance(a, torch.Tensor)))
+                self.seen.append(tuple(a.dtype for a in args[:6] if isinstance(a, torch.Tensor)))
             return func(*args, **(kwargs or {}))
-    for name, x in (("vim_micro_patch8_56", torch.empty(2, 3, 56, 56)), ("plainmamba_test_32", torch.empty(2, 3, 32, 32))):
+    for name, size in (("vim_micro_patch8_56", 56), ("plainmamba_test_32", 32)):
         model = timm.create_model(name).to("meta", torch.bfloat16).eval()
         with torch.no_grad(), ScanDtypes() as mode:
-            model(x.to("meta", torch.bfloat16))
-        # u, dt in bf16, A0/A1 fp32 parameters, B and C in fp32
+            model(torch.empty(2, 3, size, size, device="meta", dtype=torch.bfloat16))
+        # u and dt in bf16, B and C in fp32
         assert mode.seen and all(d[:2] == (torch.bfloat16,) * 2 and d[-2:] == (torch.float32,) * 2
                                  for d in mode.seen), (name, mode.seen)
-        mode.seen.clear()
 
 
 def test_add_rms_norm_fake_shapes_and_dtypes_on_meta():

@@ -240,7 +240,7 @@ class PlainMamba2D(nn.Module):
             u = u.gather(2, ctx["pos"].unsqueeze(1).expand(b, E, T))
         dbl = _matmul_cm(self.x_proj, u)  # (b, R + 2N, T)
         dt = _matmul_cm(self.dt_proj, dbl[:, :R])  # (b, E, T): the bias is added here and again in the scan
-        bc = dbl[:, R:].float()  # B and C in fp32 in one cast (the scan would convert them in every lane)
+        bc = dbl[:, R:].float()  # B and C in fp32 in one cast (fused_selective_scan would cast each)
         Bm, Cm = bc[:, :N], bc[:, N:]
         # the direction-aware part of B for all four orders in one lookup: (4, N, L), or (4, b, N, T) when pruned
         dB = self.direction_Bs[self.order_labels if ctx is None else ctx["labels"]].transpose(-1, -2)

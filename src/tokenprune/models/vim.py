@@ -205,7 +205,7 @@ class BiMambaMixer(nn.Module):
         gap = None
         if gaps is not None:  # decay scale 1 + g per token, token order for both directions
             gap = torch.stack([gap_scale(g) for g in gaps])
-        bc = dbl[:, R:].float()  # B and C in fp32 in one cast (the scan would convert them in every lane)
+        bc = dbl[:, R:].float()  # B and C in fp32 in one cast (fused_selective_scan would cast each)
         y = fused_selective_scan(u, bel(dt, E), self.A_log, bel(bc[:, :N], N), bel(bc[:, N:], N),
                                  self.D, z, self.dt_proj.bias, A1=self.A_b_log, D1=self.D_b,
                                  bias1=self.dt_proj_b.bias, gap=gap, softplus=True, a_is_log=True)
