@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .triton_scan import LAUNCH_OPTIONS
+
 
 def kernels():
     """(add_rms_fwd, add_rms_bwd) Triton kernels."""
@@ -51,7 +53,7 @@ def add_rms_norm_fwd(h: torch.Tensor, residual: Optional[torch.Tensor], weight: 
     fwd, _ = kernels()
     fwd[(triton.cdiv(n, bm),)](h2, r2 if r2 is not None else h2, weight, res, y, rstd, n, D, h2.stride(0),
                                r2.stride(0) if r2 is not None else 0, D, float(eps),
-                               HAS_RES=r2 is not None, BM=bm, BD=bd)
+                               HAS_RES=r2 is not None, BM=bm, BD=bd, **LAUNCH_OPTIONS)
     return y, res, rstd
 
 
@@ -77,7 +79,8 @@ def add_rms_norm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], res: torch.
     dwp = torch.empty((grid, D), dtype=torch.float32, device=res.device)
     _, bwd = kernels()
     bwd[(grid,)](dy2, dr2 if dr2 is not None else dy2, res, weight, rstd, dx, dwp, n, D, dy2.stride(0),
-                 dr2.stride(0) if dr2 is not None else 0, HAS_DRES=dr2 is not None, BM=bm, BD=bd)
+                 dr2.stride(0) if dr2 is not None else 0, HAS_DRES=dr2 is not None, BM=bm, BD=bd,
+                 **LAUNCH_OPTIONS)
     return [dx, dwp.sum(0)]
 
 

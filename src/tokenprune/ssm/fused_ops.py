@@ -80,7 +80,8 @@ def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, TS=ts, NDIR=ndir, SOFTPLUS=softplus,
         HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
         HAS_Z=z is not None, SAVE=save,
-        HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(), num_warps=warps)
+        HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(), num_warps=warps,
+        **triton_scan.LAUNCH_OPTIONS)
     return y, hchk
 
 
@@ -137,7 +138,7 @@ def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A0: torch.Tensor, A1: Optional[t
         N=N, BN=triton.next_power_of_2(N), BE=be, T=t, NDIR=ndir, SOFTPLUS=softplus,
         HAS_BIAS=bias0 is not None, A_IS_LOG=a_is_log, HAS_D=D0 is not None, HAS_GAP=gap is not None,
         HAS_Z=z is not None, HAS_IDX=idx is not None, FAST=not triton_scan.interpreting(),
-        num_warps=warps)
+        num_warps=warps, **triton_scan.LAUNCH_OPTIONS)
     return [du, ddt, dAp.sum(1), dBp.sum(2).to(B.dtype), dCp.sum(2).to(C.dtype), dDp.sum(1),
             dz, dbp.sum(1)]
 
@@ -261,7 +262,7 @@ def conv1d_silu_fwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: Opt
     fwd, _ = triton_conv.kernels()
     fwd[(b, triton.cdiv(E, be), triton.cdiv(L, t))](
         x, *_bel_strides(x), w0, b0, w1 if w1 is not None else w0, b1 if b1 is not None else b0,
-        out, out.stride(0), *_bel_strides(out), E, L, K=K, BE=be, T=t, NDIR=ndir)
+        out, out.stride(0), *_bel_strides(out), E, L, K=K, BE=be, T=t, NDIR=ndir, **triton_scan.LAUNCH_OPTIONS)
     return out
 
 
@@ -289,7 +290,7 @@ def conv1d_silu_bwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: Opt
     bwd[(b, triton.cdiv(E, be), nt)](
         x, *_bel_strides(x), w0, b0, w1 if w1 is not None else w0, b1 if b1 is not None else b0,
         gout, gout.stride(0), *_bel_strides(gout), dx, *_bel_strides(dx), dwp, dbp, E, L, b * nt,
-        K=K, BE=be, T=t, NDIR=ndir)
+        K=K, BE=be, T=t, NDIR=ndir, **triton_scan.LAUNCH_OPTIONS)
     return [dx, dwp.sum(1), dbp.sum(1)]
 
 

@@ -48,6 +48,13 @@ def interpreting():
 
 
 
+# Compile options every launch of our kernels passes. FMA contraction stays on explicitly: Triton 3.9 warns that
+# its default turns it off in 3.10, which splits the scan's multiply-adds (sm_90, TRITON_DEFAULT_FP_FUSION=0:
+# forward 8.0 -> 10.0 SASS instructions per (token, channel, state), backward 30.2 -> 35.9). Passing the
+# default value keeps Triton's cache key unchanged, so prewarmed caches still hit.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
 def kernels():
     """(scan_fwd, scan_bwd) Triton kernels, both with one channel per thread (the scans in registers)."""
     from . import _scan_kernels as k
