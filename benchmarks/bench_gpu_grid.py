@@ -12,6 +12,8 @@ per-stage keep whose token reduction is 40 %), fp32 and bf16 autocast, inference
 inference_mode; tokenprune.bench.compare_throughput) and training step (batch 64, fwd + bwd + AdamW, each
 variant with its own optimizer; the backbone weights are shared, lr 0 so they stay put). Speed-ups are
 against the unpruned model of the same backbone, dtype and mode, timed interleaved in the same rounds.
+Inference rows also give the host time and the gap-free GPU time of one forward and their ratio
+(tokenprune.bench.host_time; host ÷ GPU above 1 means launch-bound, issue 17 asks for <= 0.5).
 FLOPs are fvcore counts at batch 1 (tokenprune.count_flops, proposal network included), cached by
 (backbone, preset, keep, proposal) in benchmarks/flops_cache.json, so a GPU run spends no CPU time on them.
 PaPr uses a MobileNetV2-1.0 proposal (random weights: speed does not depend on them).
@@ -49,6 +51,16 @@ def flops_of(cache: dict, key: str, model) -> float:
     if key not in cache:
         cache[key] = float(tokenprune.count_flops(model).total)
     return cache[key]
+
+
+def _host_gpu_cells(result: dict) -> str:
+    """'host ms | GPU ms | host ÷ GPU' of one forward (GPU runs; '-' on CPU); '(gaps)' when the GPU time could
+    not be taken without host gaps (tokenprune.bench.host_time)."""
+    if result.get("gpu_ms_per_batch") is None:
+        return "- | - | -"
+    gaps = "" if result["host_gpu_gapless"] else " (gaps)"
+    return (f"{result['host_ms_per_batch']:.2f} | {result['gpu_ms_per_batch']:.2f}{gaps} | "
+            f"{result['host_over_gpu']:.2f}")
 
 
 def build_grid(key: str, names: Dict[str, str], args, cache: dict):
@@ -145,7 +157,8 @@ def main(argv=None) -> str:
     cache = load_cache(args.flops_cache)
     t_start = time.perf_counter()
     lines = ["| backbone | mode | dtype | variant | keep/stage | GFLOPs | FLOPs ratio | images/s | speed-up "
-             "| speed-up ÷ FLOPs ratio |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| speed-up ÷ FLOPs ratio | host ms / fwd | GPU ms / fwd | host ÷ GPU |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in args.backbones.split(","):
         if key not in names:
             raise SystemExit(f"unknown backbone {key!r}; expected one of {sorted(names)}")
@@ -163,16 +176,18 @@ def main(argv=None) -> str:
                     res = compare_throughput(models, size, args.batch, args.warmup, args.iters, device=args.device,
                                              dtype=dtype, reference="unpruned", rounds=args.rounds)
                     ips = {k: v["images_per_s"] for k, v in res["models"].items()}
+                    launch = {k: _host_gpu_cells(v) for k, v in res["models"].items()}
                 elif mode == "train":
                     ips = compare_train_step(models, size, args.train_batch, args.warmup, args.iters, args.rounds,
                                              args.device, dtype)
+                    launch = {k: "- | - | -" for k in ips}
                 else:
                     raise SystemExit(f"unknown mode {mode!r}; expected inference or train")
                 for k, (m, preset, r, keep, fl) in grid.items():
                     ratio = base_flops / fl
                     speed = ips[k] / ips["unpruned"]
                     row = (f"| {key} | {mode} | {dtype} | {k} | {keep:.3g} | {fl / 1e9:.3f} | {ratio:.2f} | "
-                           f"{ips[k]:.1f} | {speed:.2f} | {speed / ratio:.2f} |")
+                           f"{ips[k]:.1f} | {speed:.2f} | {speed / ratio:.2f} | {launch[k]} |")
                     lines.append(row)
                     print(row, flush=True)
                 print(f"  {key} {mode} {dtype} done ({time.perf_counter() - t_start:.0f} s)", flush=True)

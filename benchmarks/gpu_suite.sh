@@ -12,7 +12,7 @@
 #   ssm     issue 16's tables (bench_ssm_gpu.py: scan vs a same-bytes copy and vs mamba-ssm, time vs L,
 #           ViM-S vs DeiT-S, bf16 vs fp32, training step, kernels per forward)
 #   grid    issue 17's grid (bench_gpu_grid.py: every preset at 40 %, ViM-S and DeiT-S, fp32/bf16, inference
-#           and training step, speed-up next to FLOPs ratio)
+#           and training step, speed-up next to FLOPs ratio, host ÷ GPU time per forward)
 #   vlm     issue 20's prefill benchmark (LLaVA-1.5-7B shapes in bf16, VisionZip)
 #   tiles   the scan backward at the tiles the sweep times (their lane sums compile differently per tile)
 #   sweep   scan tile sweep (bench_ssm_gpu.py --sections sweep)

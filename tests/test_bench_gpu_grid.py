@@ -33,6 +33,7 @@ def test_grid_smoke_on_cpu(tmp_path, one_thread):
     assert {r.split("|")[2].strip() for r in rows} == {"inference", "train"}
     unpruned = [r for r in rows if "| unpruned |" in r]
     assert all(r.split("|")[7].strip() == "1.00" and r.split("|")[9].strip() == "1.00" for r in unpruned)
+    assert all(r.split("|")[11:14] == [" - ", " - ", " - "] for r in rows)  # host ÷ GPU: GPU runs only
     tome = [r for r in rows if "tome -40%" in r][0].split("|")
     assert float(tome[7]) > 1.2  # 40 % fewer tokens: a FLOPs ratio well above 1
     assert "command:" in out.read_text() and "device: cpu" in out.read_text()

@@ -74,3 +74,39 @@ def test_gpu_throughput_of_pruned_vs_unpruned():
     assert res["models"]["unpruned"]["device"].startswith("cuda")
     assert res["models"]["unpruned"]["peak_mem_mb"] > 0
     assert res["speedup"]["unpruned"] == 1.0
+    for r in res["models"].values():  # the launch-bound check ran on the GPU (tokenprune.bench.host_time)
+        assert r["host_ms_per_batch"] > 0 and r["gpu_ms_per_batch"] > 0 and r["host_over_gpu"] > 0
+
+
+def test_host_and_gpu_time_tell_launch_bound_from_gpu_bound():
+    """Hundreds of tiny kernels: the host is slower than the GPU (ratio > 1), yet the GPU time is taken
+    without host gaps, far below the host time. A few large matmuls: the GPU is slower (ratio < 0.5), and the
+    gap-free GPU time agrees with CUDA events around back-to-back calls. A host sync in the call is seen."""
+    from tokenprune.bench.host_time import host_and_gpu_ms
+    small = torch.ones(16, device="cuda")
+    big = torch.randn(4096, 4096, device="cuda")
+
+    def tiny_kernels():
+        y = small
+        for _ in range(500):  # well inside CUDA's launch queue, so queuing never blocks
+            y = y + 1
+        return y
+
+    def matmuls():
+        return big @ big @ big @ big
+
+    launch = host_and_gpu_ms(tiny_kernels, "cuda")
+    assert launch["gapless"] and launch["host_over_gpu"] > 1.0, launch
+    heavy = host_and_gpu_ms(matmuls, "cuda")
+    assert heavy["gapless"] and heavy["host_over_gpu"] < 0.5, heavy
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    matmuls()
+    torch.cuda.synchronize()
+    t0.record()
+    for _ in range(10):
+        matmuls()
+    t1.record()
+    torch.cuda.synchronize()
+    assert abs(heavy["gpu_ms"] / (t0.elapsed_time(t1) / 10) - 1) < 0.2, heavy
+    synced = host_and_gpu_ms(lambda: (small + 1).sum().item(), "cuda", repeats=2, max_retries=1)
+    assert synced["gapless"] is False, synced

@@ -110,6 +110,17 @@ def test_markdown_table_without_optional_measurements():
     assert plot_accuracy_vs_gflops(rows, "/nonexistent/x.png") is None
 
 
+def test_host_over_gpu_column_shows_on_gpu_runs_only():
+    """CPU rows have no host ÷ GPU ratio (the column is dropped); GPU rows show it, a launch-bound one above 1."""
+    cpu = [row("Unpruned"), row("ToMe", 0.4, method="tome")]
+    assert "Host ÷ GPU" not in markdown_table(cpu)
+    gpu = [row("Unpruned", host_over_gpu=0.31), row("ToMe", 0.4, method="tome", host_over_gpu=1.7)]
+    lines = markdown_table(gpu).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[-1] == "Host ÷ GPU"
+    assert lines[2].rstrip(" |").endswith("0.31") and lines[-1].rstrip(" |").endswith("1.70")
+
+
 def test_fine_tuned_entries_share_their_architecture_panel(tmp_path):
     """Other weights of an architecture are overlaid on its panel, not given a near-empty panel of their own."""
     rows = [row("Unpruned", top1=80.5), row("PaPr", 0.4, top1=70.0),

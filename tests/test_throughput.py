@@ -91,3 +91,21 @@ def test_compare_interleaves_and_double_work_is_slower(one_thread):
 def test_compare_rejects_unknown_reference():
     with pytest.raises(ValueError, match="reference"):
         compare_throughput({"a": Counting()}, input_size=(16,), batch_size=2, warmup=10, iters=30, reference="x")
+
+
+def test_host_time_of_a_cpu_call_and_no_gpu_time():
+    """On a CPU the host does the work: host time is the call's wall time (a 30 ms sleep, median of 3), and
+    there is no GPU time to compare it with."""
+    import time
+
+    from tokenprune.bench.host_time import host_and_gpu_ms
+    out = host_and_gpu_ms(lambda: time.sleep(0.03), device="cpu", repeats=3)
+    assert 29.0 <= out["host_ms"] < 300.0, out
+    assert out["gpu_ms"] is None and out["host_over_gpu"] is None and out["gapless"] is None
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        host_and_gpu_ms(lambda: None, device="cpu", repeats=0)
+
+
+def test_cpu_results_carry_no_host_gpu_ratio():
+    r = measure_throughput(Counting(), input_size=(16,), batch_size=2, warmup=10, iters=30)
+    assert r["host_over_gpu"] is None and r["gpu_ms_per_batch"] is None and r["host_ms_per_batch"] is None

@@ -41,6 +41,13 @@ def version_counter(t: torch.Tensor) -> int:
     return t._version
 
 
+def cuda_spin(cycles: int) -> None:
+    """Keep the current CUDA stream busy for ``cycles`` GPU clock cycles (`torch.cuda._sleep`, torch 2.x): the
+    only device-side wait in torch without a custom kernel; tokenprune.bench.host_time queues a forward behind
+    it so CUDA events time the forward's kernels without host gaps."""
+    torch.cuda._sleep(int(cycles))
+
+
 def jit_tracing_state():
     """The active `torch.jit.trace` state, or None (`torch._C._get_tracing_state`, torch 2.x). fvcore counts
     FLOPs on a jit trace; our scan's autograd Function must know whether it is being traced."""

@@ -8,7 +8,9 @@
 * a speed-up is a ratio of two models measured *in the same run*: :func:`compare_throughput` interleaves the
   models in rounds (alternating the order every round) so drifts in clock speed or machine load hit all of
   them alike, and it reports the per-round ratios too;
-* every result carries the device, dtype, batch, thread count and the torch / timm versions.
+* every result carries the device, dtype, batch, thread count and the torch / timm versions;
+* GPU: each model's result also has the host time and the gap-free GPU time of one forward and their ratio
+  (``host_over_gpu``; above 1 the model is launch-bound; :mod:`tokenprune.bench.host_time`).
 
 Peak memory
     GPU: ``torch.cuda.max_memory_allocated`` over the model's timed iterations (weights + activations of
@@ -35,6 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .host_time import host_and_gpu_ms
 
 MIN_WARMUP = 10
 MIN_ITERS = 30
@@ -231,8 +235,9 @@ def _timed_rounds(models: Mapping[str, nn.Module], names: List[str], x: torch.Te
 
 
 def _model_result(model: nn.Module, seconds: float, iters: int, batch_size: int, peak_mb: float, warmup: int,
-                  convention_ok: bool, cuda: bool, env: dict) -> dict:
+                  convention_ok: bool, cuda: bool, env: dict, host_gpu: Optional[dict] = None) -> dict:
     """The result of one model (see :func:`measure_throughput`)."""
+    host_gpu = host_gpu or {}
     return {
         "images_per_s": iters * batch_size / seconds,
         "ms_per_batch": 1000.0 * seconds / iters,
@@ -243,6 +248,11 @@ def _model_result(model: nn.Module, seconds: float, iters: int, batch_size: int,
         "warmup": warmup,
         "convention_ok": convention_ok,
         "compile": getattr(model, "compile_mode", "none"),  # eager, torch.compile or CUDA-graph replay
+        # GPU only (tokenprune.bench.host_time): host time and gap-free GPU time of one forward, and their ratio
+        "host_ms_per_batch": host_gpu.get("host_ms"),
+        "gpu_ms_per_batch": host_gpu.get("gpu_ms"),
+        "host_over_gpu": host_gpu.get("host_over_gpu"),
+        "host_gpu_gapless": host_gpu.get("gapless"),
         **env,
     }
 
@@ -278,17 +288,20 @@ def compare_throughput(models: Mapping[str, nn.Module], input_size: Sequence[int
     peak: Dict[str, float] = {n: 0.0 for n in names}
     done: Dict[str, int] = {n: 0 for n in names}
     bar = _progress_bar(verbose, len(names) * (warmup + iters))
+    host_gpu: Dict[str, dict] = {}
     try:
         with torch.inference_mode(), amp:
             _warm_up(models, names, x, warmup, dev, peak, bar)
             _timed_rounds(models, names, x, chunks, dev, times, done, peak, bar)
+            if cuda:  # is any model launch-bound? (on a CPU the host does the work: nothing to compare)
+                host_gpu = {n: host_and_gpu_ms(lambda m=models[n]: m(x), dev, repeats=3) for n in names}
     finally:
         if bar is not None:
             bar.close()
         for n, m in models.items():
             m.train(was_training[n])
     results = {n: _model_result(models[n], sum(times[n]), done[n], batch_size, peak[n], warmup, convention_ok,
-                                cuda, env) for n in names}
+                                cuda, env, host_gpu.get(n)) for n in names}
     ref_rounds = times[reference]
     speedup = {n: results[n]["images_per_s"] / results[reference]["images_per_s"] for n in names}
     # per round: the same number of iterations of each model, so the time ratio is the speed ratio

@@ -226,6 +226,7 @@ def _variant_row(entry: BackboneEntry, name: str, v: Variant, base: Variant, bas
         "gflops_proposal": v.row.get("gflops_proposal"),
         "top1": top1, "top5": top5, "delta_top1": top1 - base_top1, "samples": val["samples"],
         "images_per_s": ips, "speedup": tput["speedup"].get(v.key), "peak_mem_mib": peak,
+        "host_over_gpu": t.get("host_over_gpu"),  # GPU throughput runs only (tokenprune.bench.host_time)
         "peak_mem_validation_mib": (v.peak_mem / 2**20) if device.type == "cuda" else None,
         "throughput": {**{k: x for k, x in t.items() if k != "images_per_s" and _jsonable(x)},
                        "speedup_rounds": tput["speedup_rounds"].get(v.key)},

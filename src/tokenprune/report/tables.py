@@ -18,8 +18,8 @@ __all__ = ["ROW_FIELDS", "TABLE_COLUMNS", "markdown_report", "markdown_table", "
 ROW_FIELDS = [
     "backbone", "model", "method", "label", "unpruned", "budget_mode", "budget", "keep", "token_reduction",
     "token_reduction_simulated", "tokens_per_block", "params", "params_backbone", "gflops", "gflops_paper",
-    "gflops_proposal", "top1", "delta_top1", "top5", "images_per_s", "speedup", "peak_mem_mib", "samples",
-    "options", "checkpoint_file", "throughput",
+    "gflops_proposal", "top1", "delta_top1", "top5", "images_per_s", "speedup", "peak_mem_mib", "host_over_gpu",
+    "samples", "options", "checkpoint_file", "throughput",
 ]
 
 # (header, row key) of the markdown table; optional columns are dropped when no row of the table has a value
@@ -27,9 +27,9 @@ TABLE_COLUMNS = [
     ("Method", "label"), ("Keep", "keep"), ("Token reduction", "token_reduction"), ("Params (M)", "params"),
     ("GFLOPs", "gflops"), ("GFLOPs (ViM paper)", "gflops_paper"), ("Top-1", "top1"),
     ("Δ Top-1", "delta_top1"), ("Top-5", "top5"), ("images/s", "images_per_s"), ("Speed-up", "speedup"),
-    ("Peak mem (MiB)", "peak_mem_mib"),
+    ("Peak mem (MiB)", "peak_mem_mib"), ("Host ÷ GPU", "host_over_gpu"),
 ]
-OPTIONAL_COLUMNS = {"gflops", "gflops_paper", "params", "images_per_s", "speedup", "peak_mem_mib"}
+OPTIONAL_COLUMNS = {"gflops", "gflops_paper", "params", "images_per_s", "speedup", "peak_mem_mib", "host_over_gpu"}
 
 
 def _missing(v) -> bool:
@@ -64,6 +64,8 @@ def _fmt(key: str, row: Dict[str, Any]) -> str:
         return f"{v:.2f}×"
     if key == "peak_mem_mib":
         return f"{v:,.0f}"
+    if key == "host_over_gpu":
+        return f"{v:.2f}"
     return str(v)
 
 
@@ -96,7 +98,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     if all(r.get("gflops_paper") == r.get("gflops") for r in rows):  # ViT: one convention
         cols = [(h, k) for h, k in cols if k != "gflops_paper"]
     right = {"keep", "token_reduction", "params", "gflops", "gflops_paper", "top1", "delta_top1", "top5",
-             "images_per_s", "speedup", "peak_mem_mib"}
+             "images_per_s", "speedup", "peak_mem_mib", "host_over_gpu"}
     lines = ["| " + " | ".join(h for h, _ in cols) + " |",
              "|" + "|".join("---:" if k in right else "---" for _, k in cols) + "|"]
     for label, group in group_rows(rows):
@@ -120,7 +122,9 @@ is never pruned. *GFLOPs*: fvcore, one fused multiply-add = one FLOP, batch 1, e
 input at a fixed batch, eval mode, inference_mode; all variants of one backbone are timed interleaved in
 **one** run, and *Speed-up* = images/s ÷ images/s of the unpruned model in that same run (the unpruned row is 1.00×
 by construction). Speed-ups are only comparable within a table. *Peak mem*: CUDA peak allocated memory during
-the validation forward at the validation batch size (weights included; not measured on CPU)."""
+the validation forward at the validation batch size (weights included; not measured on CPU). *Host ÷ GPU* (GPU
+runs only): the host's time to queue one forward ÷ the GPU's time to run it without host gaps; above 1 the
+model is launch-bound (the GPU waits for Python) and its speed-up is the host's, not the method's."""
 
 
 def _machine_line(m: Dict[str, Any]) -> str:
