@@ -5,6 +5,16 @@ import torch
 
 os.environ.setdefault("TOKENPRUNE_SCAN", "cpu")
 
+# scripts/run_tests.sh runs the suite on pytest-xdist workers (two on CI's 2 cores); each worker gets its
+# share of the cores for torch's intra-op threads, as more would only oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+# Modules that start multi-process runs (DDP, a one-node SLURM cluster): one xdist work unit, so they never
+# run beside each other (ports, the cluster's daemons, and timing-sensitive signals stay theirs alone).
+DISTRIBUTED_MODULES = {"test_slurm_real.py", "test_lit_ddp.py", "test_data_ddp.py", "test_data_cases.py"}
+
 
 @pytest.fixture
 def one_thread():
@@ -31,6 +41,13 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
+    # slow tests first (a stable sort): xdist hands out work in this order, so the longest tests (the Triton
+    # interpreter's, minutes each) start at once on different workers instead of ending the run on one
+    items.sort(key=lambda item: "slow" not in item.keywords)
+    group = pytest.mark.xdist_group("distributed")
+    for item in items:
+        if item.path.name in DISTRIBUTED_MODULES:
+            item.add_marker(group)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -27,6 +27,7 @@ def _check(*args, env=None):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_interpreted_kernels_match_the_reference_forward_and_backward():
     out = _check(env={"TRITON_INTERPRET": "1", "TOKENPRUNE_SCAN": ""})
     lines = out.strip().splitlines()
