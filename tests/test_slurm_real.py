@@ -20,7 +20,6 @@ import csv
 import hashlib
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -96,29 +95,10 @@ class Cluster:
         return self.wait(job_id, lambda js: all(j["JobState"] in DONE for j in js), timeout, "end", out_file)
 
     def bring_forward_requeued(self, job_id: str, out_file, **update) -> None:
-        """Wait for the requeue (Restarts=1, pending), then let it start now (SLURM delays it ~2 minutes).
-        SLURM's delay also lets the first instance's processes end; started early, the new instance must wait
-        for them here, or its DDP rendezvous finds their port taken (Lightning's SLURMEnvironment listens on
-        15000 + the job id's last 4 digits; seen on a loaded machine: EADDRINUSE)."""
+        """Wait for the requeue (Restarts=1, pending), then let it start now (SLURM delays it ~2 minutes)."""
         self.wait(job_id, lambda js: js[0]["Restarts"] == "1" and js[0]["JobState"] == "PENDING", 300,
                   "requeue", out_file)
-        port = 15000 + int(job_id[-4:])
-        end = time.monotonic() + 120
-        while port_in_use(port) and time.monotonic() < end:
-            time.sleep(0.2)
-        assert not port_in_use(port), f"job {job_id}: port {port} still in use 120 s after the requeue"
         self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now", *[f"{k}={v}" for k, v in update.items()])
-
-
-def port_in_use(port: int) -> bool:
-    """A socket listens on the port (a closed one in TIME_WAIT does not count: SO_REUSEADDR, as TCPStore)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return True
-    return False
 
 
 @pytest.fixture(scope="module")
