@@ -16,7 +16,8 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "triton_sm90.py")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton ships no ptxas")
+pytestmark = [pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton ships no ptxas"),
+              pytest.mark.slow]  # compiling (cold cache): 10-100 s a test
 
 
 def _table(*args, **extra_env):
@@ -36,20 +37,32 @@ def _table(*args, **extra_env):
     return rows
 
 
-def test_every_kernel_compiles_for_sm90_without_spills():
+# Every kernel compiled once (~100 s on 2 cores), for the two tests that read the table: one xdist group, so
+# they run on one worker and share the module-scoped table.
+same_worker = pytest.mark.xdist_group("triton_sm90_table")
+
+
+@pytest.fixture(scope="module")
+def every_kernel():
+    return _table()
+
+
+@same_worker
+def test_every_kernel_compiles_for_sm90_without_spills(every_kernel):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         from triton_sm90 import CASES
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    rows = _table()
+    rows = every_kernel
     assert set(rows) == set(CASES), sorted(rows)
     for case, r in rows.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (case, r)
         assert r["registers"] <= 255 and r["verdict"] == "ok", (case, r)
 
 
-def test_the_scans_keep_their_steps_in_registers():
+@same_worker
+def test_the_scans_keep_their_steps_in_registers(every_kernel):
     """Both scan kernels hold one channel per thread and the steps in registers: the forward stays near 8 SASS
     instructions per (token, channel, state), training and inference, in bf16 too (B and C reach the kernels in
     fp32: converted in every lane they cost 2 more), the backward near 30. A layout
@@ -60,7 +73,7 @@ def test_the_scans_keep_their_steps_in_registers():
     test (+4 per exponential) shows up here."""
     limits = {"scan_fwd": 9, "scan_infer": 9, "scan_infer_4idx": 9, "scan_infer_bf16": 9, "scan_fwd_bf16": 9,
               "scan_bwd": 32, "scan_bwd_4idx": 32, "scan_bwd_bf16": 32}
-    rows = _table("--kernels", ",".join(limits))
+    rows = every_kernel
     for case, limit in limits.items():
         assert rows[case]["per_state"] <= limit, (case, rows)
 

@@ -15,7 +15,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 SMALL = [
     (2, 37, 5, 70, "all", True, NAMES),        # E not a multiple of the channel block, N not a power of 2
     (1, 8, 4, 1, "all", True, NAMES),          # one step
-    (2, 40, 16, 64, "none", False, NAMES[:5]), # L an exact number of chunks, no optionals
+    (2, 40, 4, 64, "none", False, NAMES[:5]),  # L an exact number of chunks, no optionals
     (1, 33, 3, 33, "D_only", True, ("u", "C")),  # one step into a second chunk; some inputs frozen
 ]
 GPU = [

@@ -17,6 +17,9 @@ import tokenprune
 from tokenprune.ssm import scan_impl, scan_impl_report
 
 
+CPU_IMG_SIZE = {"vim_micro_patch8_56": 48, "plainmamba_test_32": 24}  # 6 x 6 patches (+ ViM's CLS)
+
+
 def pruned_error(pruned, x):
     """Relative logits error of a pruned model on the fused path against the reference path."""
     pruned = pruned.to(x.device).eval()
@@ -37,8 +40,12 @@ def main():
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
-    # on CPU (Triton's interpreter) a narrow 2-block model with 4 states: same code paths, minutes -> seconds
+    # on CPU (Triton's interpreter) a narrow 2-block model with 4 states on a smaller image: the same code paths
+    # (L = 37 / 36 tokens: more than one forward and backward chunk, the last one partial), minutes not hours;
+    # the interpreter's time grows with the tokens (PlainMamba at 64 tokens: ~380 s on 2 cores)
     kw = dict(depth=2, embed_dim=32, d_state=4) if args.device == "cpu" else {}
+    if args.device == "cpu" and args.model in CPU_IMG_SIZE:
+        kw["img_size"] = CPU_IMG_SIZE[args.model]
     if args.depth is not None:
         kw["depth"] = args.depth
     torch.manual_seed(0)
