@@ -154,11 +154,30 @@ def main(argv=None) -> str:
     args.reduction_list = [float(r) for r in args.reductions.split(",")]
     names = TINY_BACKBONES if args.tiny else BACKBONES
     size = (3, 32, 32) if args.tiny else (3, 224, 224)
+    bad = [m for m in args.modes.split(",") if m not in ("inference", "train")]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; expected a comma list of inference, train")
     cache = load_cache(args.flops_cache)
     t_start = time.perf_counter()
-    lines = ["| backbone | mode | dtype | variant | keep/stage | GFLOPs | FLOPs ratio | images/s | speed-up "
-             "| speed-up ÷ FLOPs ratio | host ms / fwd | GPU ms / fwd | host ÷ GPU |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    batch = f"batch {args.batch} inference / {args.train_batch} training"
+    parts: List[str] = []
+
+    def emit(text: str) -> None:
+        # written as it goes: a run cut off at the device's time limit, or a block that fails, keeps every
+        # finished row in --out
+        parts.append(text)
+        print(text, end="", flush=True)
+        if not args.no_write and not args.flops_only:
+            with open(args.out, "a") as fh:
+                fh.write(text)
+
+    if not args.flops_only:
+        emit(header(f"GPU grid: speed-up vs FLOPs ratio ({batch}, compile={args.compile})") +
+             f"- device: {args.device}; {args.warmup} warm-up + {args.iters} timed iterations per variant, "
+             f"{args.rounds} interleaved rounds\n\n"
+             "| backbone | mode | dtype | variant | keep/stage | GFLOPs | FLOPs ratio | images/s | speed-up "
+             "| speed-up ÷ FLOPs ratio | host ms / fwd | GPU ms / fwd | host ÷ GPU |\n"
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for key in args.backbones.split(","):
         if key not in names:
             raise SystemExit(f"unknown backbone {key!r}; expected one of {sorted(names)}")
@@ -172,24 +191,30 @@ def main(argv=None) -> str:
         base_flops = grid["unpruned"][4]
         for mode in args.modes.split(","):
             for dtype in args.dtypes.split(","):
-                if mode == "inference":
-                    res = compare_throughput(models, size, args.batch, args.warmup, args.iters, device=args.device,
-                                             dtype=dtype, reference="unpruned", rounds=args.rounds)
-                    ips = {k: v["images_per_s"] for k, v in res["models"].items()}
-                    launch = {k: _host_gpu_cells(v) for k, v in res["models"].items()}
-                elif mode == "train":
-                    ips = compare_train_step(models, size, args.train_batch, args.warmup, args.iters, args.rounds,
-                                             args.device, dtype)
-                    launch = {k: "- | - | -" for k in ips}
-                else:
-                    raise SystemExit(f"unknown mode {mode!r}; expected inference or train")
+                try:
+                    if mode == "inference":
+                        res = compare_throughput(models, size, args.batch, args.warmup, args.iters,
+                                                 device=args.device, dtype=dtype, reference="unpruned",
+                                                 rounds=args.rounds)
+                        ips = {k: v["images_per_s"] for k, v in res["models"].items()}
+                        launch = {k: _host_gpu_cells(v) for k, v in res["models"].items()}
+                    else:
+                        ips = compare_train_step(models, size, args.train_batch, args.warmup, args.iters,
+                                                 args.rounds, args.device, dtype)
+                        launch = {k: "- | - | -" for k in ips}
+                except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the other blocks still run)
+                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200].replace("|", "/")
+                    emit(f"| {key} | {mode} | {dtype} | failed: {msg} |" + " - |" * 9 + "\n")
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                rows = []
                 for k, (m, preset, r, keep, fl) in grid.items():
                     ratio = base_flops / fl
                     speed = ips[k] / ips["unpruned"]
-                    row = (f"| {key} | {mode} | {dtype} | {k} | {keep:.3g} | {fl / 1e9:.3f} | {ratio:.2f} | "
-                           f"{ips[k]:.1f} | {speed:.2f} | {speed / ratio:.2f} | {launch[k]} |")
-                    lines.append(row)
-                    print(row, flush=True)
+                    rows.append(f"| {key} | {mode} | {dtype} | {k} | {keep:.3g} | {fl / 1e9:.3f} | {ratio:.2f} | "
+                                f"{ips[k]:.1f} | {speed:.2f} | {speed / ratio:.2f} | {launch[k]} |\n")
+                emit("".join(rows))
                 print(f"  {key} {mode} {dtype} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
         for m in models.values():
             m.cpu()
@@ -198,16 +223,10 @@ def main(argv=None) -> str:
             torch.cuda.empty_cache()
     if args.flops_only:
         return ""
-    batch = f"batch {args.batch} inference / {args.train_batch} training"
-    text = (header(f"GPU grid: speed-up vs FLOPs ratio ({batch}, compile={args.compile})") +
-            f"- device: {args.device}; {args.warmup} warm-up + {args.iters} timed iterations per variant, "
-            f"{args.rounds} interleaved rounds; total {time.perf_counter() - t_start:.0f} s\n\n" + "\n".join(lines))
-    print(text)
+    emit(f"\n- total {time.perf_counter() - t_start:.0f} s\n\n")
     if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write(text.rstrip() + "\n\n")
         print(f"appended to {args.out}")
-    return text
+    return "".join(parts)
 
 
 if __name__ == "__main__":

@@ -85,10 +85,14 @@ causal_conv1d.__version__)" 2>&1 | tail -1
 k.TRANSPOSED.value)" 2>&1 | tail -1
   git log -1 --format='commit %h %cd' 2>/dev/null; date -u; } 2>&1 | tee "$OUT/device.txt"
 
+DUP_PARITY_TEST=tests/test_fused_ops.py::test_compiled_fused_ops_match_float64_references_on_gpu
 stage_cmd() {  # the command of a stage, its output appended to one of at most 8 files under OUT
   case "$1" in
     parity) echo "python3 tests/scripts/fused_check.py --device cuda --cases gpu >>$OUT/parity.log" ;;
-    tests) echo "python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rs tests >>$OUT/gpu_tests.log" ;;
+    # -v: each test's result is in the log as it ends (a stage cut off keeps them; -q printed failures only at
+    # the end); the parity stage has run the compiled-kernel check that one test repeats
+    tests) echo "python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 120 -rfEs --durations 20 \
+$([[ "$WANT" == *" parity "* ]] && echo "--deselect $DUP_PARITY_TEST") tests >>$OUT/gpu_tests.log" ;;
     ssm) echo "python3 benchmarks/bench_ssm_gpu.py --out $OUT/ssm.md ${SSM_ARGS:-} >>$LOG" ;;
     grid) echo "python3 benchmarks/bench_gpu_grid.py --device cuda --out $OUT/grid.md ${GRID_ARGS:-} >>$OUT/grid.log" ;;
     vlm) echo "python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method visionzip --record $OUT/vlm.md >>$LOG" ;;

@@ -3,7 +3,11 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TOKENPRUNE_SCAN", "cpu")
+# The CPU suite pins the numba scan (the automatic choice for CPU tensors; pinned, a missing numba fails loudly).
+# Not on a GPU machine: there CUDA tensors must reach the scan the gpu tests check (the automatic choice: Triton);
+# pinned "cpu", a model on the GPU copied every scan to the host, which no CUDA graph can capture.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TOKENPRUNE_SCAN", "cpu")
 
 # scripts/run_tests.sh runs the suite on pytest-xdist workers (two on CI's 2 cores); each worker gets its
 # share of the cores for torch's intra-op threads, as more would only oversubscribe them.

@@ -50,6 +50,34 @@ def test_grid_smoke_on_cpu(tmp_path, one_thread):
     assert l2[7].strip() == "4.00"
 
 
+
+def test_grid_writes_as_it_goes_and_a_failing_block_keeps_the_others(tmp_path, one_thread, monkeypatch):
+    """A block that raises (on the GPU: out of memory) becomes a 'failed' row; the rows before and after it are
+    in --out, and the file is a valid table even when the run stops early."""
+    grid = load("bench_gpu_grid")
+    out = tmp_path / "grid.md"
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB | more text")
+    monkeypatch.setattr(grid, "compare_train_step", oom)
+    args = ["--device", "cpu", "--tiny", "--backbones", "deit_s", "--presets", "l2", "--iters", "1", "--warmup",
+            "0", "--rounds", "1", "--batch", "2", "--dtypes", "float32,bfloat16", "--modes", "train,inference",
+            "--flops-cache", str(tmp_path / "flops.json"), "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = grid.main(args)
+    written = out.read_text()
+    assert written.strip() == text.strip()
+    rows = [ln for ln in written.splitlines() if ln.startswith("| deit_s")]
+    failed = [r for r in rows if "failed:" in r]
+    assert [r.split("|")[2:4] for r in failed] == [[" train ", " float32 "], [" train ", " bfloat16 "]]
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB / more text" in failed[0]
+    assert all(len(r.split("|")) == 15 for r in rows)  # failed rows keep the table's 13 columns
+    assert len([r for r in rows if "| inference |" in r]) == 2 * 2  # {fp32, bf16} x {unpruned, l2}
+    assert written.rstrip().splitlines()[-1].startswith("- total ")
+    with pytest.raises(SystemExit, match=r"unknown mode\(s\) \['inferrence'\]"):
+        grid.main(args[:-2] + ["--modes", "inferrence", "--no-write"])
+
 def test_count_ops_smoke_on_meta(tmp_path, one_thread):
     ops = load("count_ops")
     with warnings.catch_warnings():

@@ -13,6 +13,7 @@ import tokenprune
 from tokenprune.bench.dispatch import CpuTensorRecorder
 from tokenprune.pruning import METHODS
 from tokenprune.ssm import scan_impl
+from tokenprune.tokens.state import static_index
 
 BACKBONES = {"deit": "deit_test_patch4_32", "vim": "vim_test_patch4_32", "plainmamba": "plainmamba_test_32"}
 FAMILY = {"deit": "vit", "vim": "ssm", "plainmamba": "ssm"}
@@ -61,6 +62,22 @@ def test_vim_with_its_default_scan_runs_on_meta(bases):
         model(torch.empty(2, 3, 32, 32, device="meta"))
     assert rec.hits == []
 
+
+
+def test_static_index_under_compile_never_asks_about_capture(monkeypatch):
+    """Under torch.compile an index is built in the graph, for CUDA too, without torch.cuda's capture query:
+    Dynamo cannot trace that query (a graph break, an error under fullgraph=True); outside, it is cached."""
+    def query():
+        raise AssertionError("the capture query was evaluated under torch.compile")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", query)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    built = []
+    assert static_index(("probe", 3), "cuda", lambda dev: built.append(dev) or "index") == "index"
+    assert static_index(("probe", 3), "cuda", lambda dev: built.append(dev) or "index") == "index"
+    assert built == [torch.device("cuda")] * 2  # built each time in the graph, never cached
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    first = static_index(("probe", 3), "cpu", lambda dev: torch.arange(3, device=dev))
+    assert static_index(("probe", 3), "cpu", lambda dev: torch.zeros(3)) is first  # eager on CPU: cached
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu

@@ -37,7 +37,7 @@ def run(impl, xs, softplus, grad_out=None):
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in xs.items()}
     out = selective_scan(**leaves, delta_softplus=softplus, impl=impl)
     if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     out.backward(grad_out)
     return out.detach(), {k: (v.grad if v is not None else None) for k, v in leaves.items()}
 

@@ -105,8 +105,8 @@ def static_index(key: tuple, device, build) -> torch.Tensor:
     or under torch.compile (it traces `build` instead); built outside inference mode so that training can
     use it after an inference_mode measurement."""
     device = torch.device(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing or torch.compiler.is_compiling():
+    # is_compiling first: Dynamo cannot trace the capture query (a graph break, an error under fullgraph)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return build(device)
     k = key + (str(device),)
     t = _STATIC.get(k)
