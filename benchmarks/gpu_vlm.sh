@@ -18,6 +18,6 @@ if [ "$(python3 -c 'import transformers; print(transformers.__version__)' 2>/dev
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/vlm_device.txt"
 for m in visionzip cls_attn; do
-  timeout 300 python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method $m --record "$OUT/vlm_results.md"
+  timeout 200 python3 benchmarks/bench_vlm.py --device cuda --real-shapes --method $m --record "$OUT/vlm_results.md"
 done
-python3 -m pytest -q -p no:cacheprovider tests/test_vlm.py 2>&1 | tail -5 | tee "$OUT/vlm_tests.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_vlm.py 2>&1 | tail -5 | tee "$OUT/vlm_tests.log"

@@ -22,8 +22,10 @@ PY312=python3.12
 mkdir -p "$DEST"
 grep -qx '/.whl/' .gitignore || echo '/.whl/' >>.git/info/exclude
 # One version of each: two versions of a package in .whl stop the device's install.
-PURE="fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 termcolor==3.3.0 webdataset==1.0.2 braceexpand==0.1.7
-jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 transformers==5.23.0"
+# portalocker and tabulate: fvcore's and iopath's imports; einops: mamba-ssm's (installed with --no-deps there)
+PURE="fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 termcolor==3.3.0 portalocker==4.4.2 tabulate==0.10.0
+webdataset==1.0.2 braceexpand==0.1.7 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
+transformers==5.23.0 einops==0.8.2"
 BINARY="regex==2026.12.2"   # compiled: the cp312 manylinux build; transformers 5.23 needs a newer one than the image's
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 for spec in $PURE; do

@@ -65,3 +65,18 @@ def test_ssm_benchmark_rejects_an_unknown_section():
                           "--sections", "scan,bogus", "--out", os.devnull], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0
     assert "unknown section(s) ['bogus']" in out.stderr
+
+
+def test_suite_runs_every_file_with_gpu_tests():
+    """The tests stage names its files (a CPU-only module that cannot import on the device must not stop the
+    collection): a gpu-marked test in a file missing from the list would never run on a GPU."""
+    import re
+    text = open(SUITE).read()
+    listed = re.search(r"GPU_TEST_FILES=\(([^)]*)\)", text).group(1).split()
+    tests_dir = os.path.join(ROOT, "tests")
+    uses_mark = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", re.M)
+    marked = sorted(f"tests/{f}" for f in os.listdir(tests_dir)
+                    if f.startswith("test_") and f.endswith(".py")
+                    and uses_mark.search(open(os.path.join(tests_dir, f)).read()))
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == marked
