@@ -167,7 +167,7 @@ def main(argv=None) -> str:
         # finished row in --out
         parts.append(text)
         print(text, end="", flush=True)
-        if not args.no_write and not args.flops_only:
+        if not args.no_write:
             with open(args.out, "a") as fh:
                 fh.write(text)
 

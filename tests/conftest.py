@@ -21,6 +21,16 @@ DISTRIBUTED_MODULES = {"test_slurm_real.py", "test_lit_ddp.py", "test_data_ddp.p
 
 
 @pytest.fixture
+def no_tf32():
+    """GPU comparisons in true fp32: cuDNN convolutions default to TF32 (10-bit mantissa), whose rounding turns
+    rounding-level differences between two paths' gradients into ~1e-3 ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
     n = torch.get_num_threads()

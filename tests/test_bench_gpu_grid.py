@@ -50,7 +50,6 @@ def test_grid_smoke_on_cpu(tmp_path, one_thread):
     assert l2[7].strip() == "4.00"
 
 
-
 def test_grid_writes_as_it_goes_and_a_failing_block_keeps_the_others(tmp_path, one_thread, monkeypatch):
     """A block that raises (on the GPU: out of memory) becomes a 'failed' row; the rows before and after it are
     in --out, and the file is a valid table even when the run stops early."""
@@ -77,6 +76,7 @@ def test_grid_writes_as_it_goes_and_a_failing_block_keeps_the_others(tmp_path, o
     assert written.rstrip().splitlines()[-1].startswith("- total ")
     with pytest.raises(SystemExit, match=r"unknown mode\(s\) \['inferrence'\]"):
         grid.main(args[:-2] + ["--modes", "inferrence", "--no-write"])
+
 
 def test_count_ops_smoke_on_meta(tmp_path, one_thread):
     ops = load("count_ops")

@@ -63,7 +63,6 @@ def test_vim_with_its_default_scan_runs_on_meta(bases):
     assert rec.hits == []
 
 
-
 def test_static_index_under_compile_never_asks_about_capture(monkeypatch):
     """Under torch.compile an index is built in the graph, for CUDA too, without torch.cuda's capture query:
     Dynamo cannot trace that query (a graph break, an error under fullgraph=True); outside, it is cached."""
@@ -78,6 +77,7 @@ def test_static_index_under_compile_never_asks_about_capture(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     first = static_index(("probe", 3), "cpu", lambda dev: torch.arange(3, device=dev))
     assert static_index(("probe", 3), "cpu", lambda dev: torch.zeros(3)) is first  # eager on CPU: cached
+
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu

@@ -85,11 +85,7 @@ def test_cuda_tensors_dispatch_to_triton_without_mamba(monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", ["vim_tiny_patch16_224", "vim_micro_patch8_56"])
-def test_vim_forward_and_grads_with_triton_match_the_reference(name, monkeypatch):
-    # fp32 against fp32: in TF32 the patch-embedding conv's weight grad turns rounding-level differences of the
-    # two paths' gradients into ~1e-3 ones (monkeypatch restores the flags)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_vim_forward_and_grads_with_triton_match_the_reference(name, no_tf32):
     torch.manual_seed(0)
     model = timm.create_model(name).cuda()
     size = model.patch_embed.img_size[0] if hasattr(model.patch_embed, "img_size") else 224
