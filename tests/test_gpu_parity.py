@@ -12,7 +12,8 @@ from tokenprune.pruning import METHODS
 from tokenprune.ssm import scan_impl
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("no_tf32")]
 
 BACKBONES = {"ssm": "vim_test_patch4_32", "vit": "deit_test_patch4_32"}
 
@@ -20,11 +21,6 @@ BACKBONES = {"ssm": "vim_test_patch4_32", "vit": "deit_test_patch4_32"}
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32(no_tf32):
-    pass
 
 
 @pytest.mark.parametrize("family", ["ssm", "vit"])
