@@ -5,9 +5,10 @@
 # The device image (Python 3.12, torch 2.11.0+cu130) has torch, Triton, timm, lightning, numba, tokenizers and
 # huggingface-hub, but not fvcore and its helpers, webdataset, jsonargparse's signature extras, nor transformers
 # 5.23.0 (it has 5.17). mamba-ssm and causal-conv1d are built from their sdists for sm_90 against torch 2.11.0
-# (scripts/build_mamba_wheels.sh: 15 minutes on 2 idle cores, about 50 beside other work); --no-mamba skips them, and the suite then
-# leaves out the side-by-side tables. It also prebuilds the suite's Triton kernels for sm_90 with the
-# device's torch and Triton in a Python 3.12 venv (benchmarks/prewarm_triton_cache.py, a few minutes).
+# (scripts/build_mamba_wheels.sh: 15 minutes on 2 idle cores, about 50 beside other work); --no-mamba skips
+# them, and the suite then leaves out the side-by-side tables. It also prebuilds the suite's Triton kernels for
+# sm_90 with the device's torch and Triton in a Python 3.12 venv (benchmarks/prewarm_triton_cache.py, a few
+# minutes).
 # benchmarks/gpu_suite.sh installs whatever lies in .whl/ by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."

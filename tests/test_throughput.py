@@ -66,8 +66,8 @@ def test_bf16_runs_under_autocast():
 
 
 class WorkClock:
-    """A stand-in for ``time.perf_counter`` that advances by the work done (one unit per layer application), so
-    a speed ratio is exact and independent of how loaded the machine is; wall-clock speed belongs to benchmarks."""
+    """Stands in for the ``time`` module of the throughput code: its ``perf_counter`` advances by the work done (one
+    unit per layer application), so a speed ratio is exact on any machine load; wall-clock speed is benchmarks'."""
 
     def __init__(self):
         self.now = 0.0
@@ -99,7 +99,7 @@ def test_compare_interleaves_and_double_work_is_slower(monkeypatch):
     assert out["reference"] == "a" and out["rounds"] == 5
     assert out["speedup"] == {"a": 1.0, "b": 0.5}
     assert out["speedup_rounds"]["b"] == [0.5] * 5
-    # 30 timed iterations of 4 units each: 120 units of the clock
+    # a: 4 clock units (seconds) per batch; b: 8 units per batch of 8 images
     assert out["models"]["a"]["ms_per_batch"] == pytest.approx(1000.0 * 4)
     assert out["models"]["b"]["images_per_s"] == pytest.approx(8 / 8.0)
     # interleaving: after the warm-ups (10 a, 10 b), blocks of 6 alternate a b | b a | a b | b a | a b
