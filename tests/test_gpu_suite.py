@@ -1,6 +1,7 @@
 """The GPU suite's plan: a GPU lease is short (one device call runs at most 600 s), so the suite must put its
 stages in priority order and fit the issues' tables inside its time budget. Checked on CPU with its dry run."""
 import os
+import re
 import subprocess
 import sys
 
@@ -70,7 +71,6 @@ def test_ssm_benchmark_rejects_an_unknown_section():
 def test_suite_runs_every_file_with_gpu_tests():
     """The tests stage names its files (a CPU-only module that cannot import on the device must not stop the
     collection): a gpu-marked test in a file missing from the list would never run on a GPU."""
-    import re
     text = open(SUITE).read()
     listed = re.search(r"GPU_TEST_FILES=\(([^)]*)\)", text).group(1).split()
     tests_dir = os.path.join(ROOT, "tests")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import tokenprune.bench.throughput as throughput
 from tokenprune.bench import compare_throughput, measure_throughput
 from tokenprune.bench.throughput import as_dtype
 
@@ -87,7 +88,6 @@ class Timed(Counting):
 
 
 def test_compare_interleaves_and_double_work_is_slower(monkeypatch):
-    import tokenprune.bench.throughput as throughput
     clock = WorkClock()
     monkeypatch.setattr(throughput, "time", clock)
     log = []
