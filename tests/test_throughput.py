@@ -16,10 +16,10 @@ REQUIRED = {"images_per_s", "ms_per_batch", "peak_mem_mb", "device", "dtype", "b
 class Counting(nn.Module):
     """Counts forwards and records the mode they ran in; `log` (shared) records the order of calls."""
 
-    def __init__(self, name="m", log=None, width=16, repeats=1):
+    def __init__(self, name="m", log=None, repeats=1):
         super().__init__()
         self.name, self.log = name, log
-        self.lin = nn.Linear(width, width)
+        self.lin = nn.Linear(16, 16)
         self.repeats = repeats
         self.calls = 0
         self.modes = set()
