@@ -9,7 +9,6 @@ import sys
 from collections import Counter
 
 import pytest
-import torch
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -17,12 +16,7 @@ from data_helpers import make_indexed_shards  # noqa: E402
 from lit_helpers import clean_env  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ddp_validation_every_sample_once(tmp_path):
